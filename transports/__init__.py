@@ -1,0 +1,1 @@
+"""WebRTC server and page, phone websocket, VAD analyzers."""
