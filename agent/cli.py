@@ -118,6 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 3
     try:
         return int(handler(config, rest) or 0)
+    except ConfigError as exc:  # e.g. an unknown tool or an unusable database found while starting
+        print(f"mimo-voice: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -1,0 +1,177 @@
+"""Customer-support demo tools (look up an order, create a ticket) over a real SQLite database.
+
+Where the database lives: ``tools.support_db`` as given when absolute (``~`` expanded); a relative path (the packaged
+``configs/support.yaml`` says ``support.sqlite3``) is resolved against the per-user data directory,
+``$XDG_DATA_HOME/mimo-voice`` (by default ``~/.local/share/mimo-voice``), so the server finds the same file whatever
+its working directory. The file is created from ``data/support_seed.sql`` the first time it is needed and kept
+afterwards, so tickets persist across runs; delete it to start from the seed again.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+import tempfile
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from langchain_core.tools import BaseTool, tool
+
+from mimo_voice.configs import ConfigError
+
+SEED_PATH = Path(__file__).resolve().parent / "data" / "support_seed.sql"
+DEFAULT_DB_NAME = "support.sqlite3"
+SUPPORT_TOOL_NAMES = ("lookup_order", "create_ticket")
+REQUIRED_TABLES = frozenset({"customers", "orders", "order_items", "tickets"})
+MAX_SUMMARY_CHARS = 1000
+
+
+def data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "mimo-voice"
+
+
+def resolve_db_path(path: str | Path | None) -> Path:
+    """Absolute paths as given; relative ones (and None -> ``support.sqlite3``) under :func:`data_dir`."""
+    resolved = Path(path or DEFAULT_DB_NAME).expanduser()
+    return resolved if resolved.is_absolute() else data_dir() / resolved
+
+
+def _create_from_seed(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target, then link it into place: a half-written file is never seen, and when two
+    # processes race, the first database created wins instead of being replaced.
+    fd, scratch = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        with closing(sqlite3.connect(scratch)) as conn:
+            conn.executescript(SEED_PATH.read_text(encoding="utf-8"))
+        try:
+            os.link(scratch, path)
+        except FileExistsError:
+            pass
+    finally:
+        os.unlink(scratch)
+
+
+def ensure_database(path: Path) -> Path:
+    """Create ``path`` from the seed unless it exists; check that an existing file is a support database."""
+    try:
+        if not path.exists():
+            _create_from_seed(path)
+        with closing(sqlite3.connect(path)) as conn:
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except (OSError, sqlite3.Error) as exc:
+        raise ConfigError(f"tools.support_db: cannot open {path}: {exc}") from None
+    missing = REQUIRED_TABLES - tables
+    if missing:
+        raise ConfigError(
+            f"tools.support_db: {path} is not a support database (missing tables: {', '.join(sorted(missing))}); "
+            "delete it to recreate it from the seed, or choose another file"
+        )
+    return path
+
+
+@contextmanager
+def _connect(db: Path) -> Iterator[sqlite3.Connection]:
+    """A short-lived connection per call: tools run in worker threads, and sqlite3 connections stay in theirs."""
+    conn = sqlite3.connect(db, timeout=5.0)
+    try:
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA foreign_keys = ON")
+        with conn:  # one transaction: committed, or rolled back on error
+            yield conn
+    finally:
+        conn.close()
+
+
+def normalize_order_id(order_id: str) -> str:
+    """Spoken or typed variants of one number: ``a-1001``, ``#A1001``, ``A 1001`` -> ``A1001``."""
+    return re.sub(r"[\s#-]", "", order_id).upper()
+
+
+def _money(cents: int, currency: str) -> str:
+    return f"{cents / 100:.2f} {currency}"
+
+
+def _order_details(conn: sqlite3.Connection, order_id: str) -> dict[str, Any]:
+    order = conn.execute(
+        "SELECT o.*, c.name AS customer FROM orders o JOIN customers c ON c.id = o.customer_id WHERE o.id = ?",
+        (order_id,),
+    ).fetchone()
+    if order is None:
+        raise LookupError(f"there is no order {order_id}; order numbers look like A1001")
+    items = conn.execute(
+        "SELECT description, quantity, unit_price_cents FROM order_items WHERE order_id = ? ORDER BY rowid",
+        (order_id,),
+    ).fetchall()
+    tickets = conn.execute(
+        "SELECT id FROM tickets WHERE order_id = ? AND status != 'closed' ORDER BY id", (order_id,)
+    ).fetchall()
+    shipping = {key: order[key] for key in ("carrier", "tracking_number", "estimated_delivery") if order[key]}
+    return {
+        "order_id": order["id"],
+        "customer": order["customer"],
+        "placed_on": order["placed_on"],
+        "status": order["status"],
+        **shipping,
+        "items": [
+            {"description": item["description"], "quantity": item["quantity"],
+             "unit_price": _money(item["unit_price_cents"], order["currency"])}
+            for item in items
+        ],
+        "total": _money(sum(item["quantity"] * item["unit_price_cents"] for item in items), order["currency"]),
+        "open_tickets": [f"T-{ticket['id']}" for ticket in tickets],
+    }
+
+
+def _insert_ticket(conn: sqlite3.Connection, summary: str, order_id: str | None, priority: str) -> dict[str, Any]:
+    summary = summary.strip()
+    if not summary:
+        raise ValueError("the summary is empty; say what the customer needs")
+    if len(summary) > MAX_SUMMARY_CHARS:
+        raise ValueError(f"the summary is longer than {MAX_SUMMARY_CHARS} characters")
+    if order_id is not None and conn.execute("SELECT 1 FROM orders WHERE id = ?", (order_id,)).fetchone() is None:
+        raise LookupError(f"there is no order {order_id}; leave order_id out if the ticket is not about an order")
+    created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    cursor = conn.execute(
+        "INSERT INTO tickets (order_id, summary, priority, created_at) VALUES (?, ?, ?, ?)",
+        (order_id, summary, priority, created_at),
+    )
+    return {"ticket_id": f"T-{cursor.lastrowid}", "status": "open", "priority": priority, "order_id": order_id}
+
+
+def support_tools(db_path: str | Path | None) -> list[BaseTool]:
+    """``lookup_order`` and ``create_ticket`` bound to the database at ``db_path`` (created from the seed if new)."""
+    db = ensure_database(resolve_db_path(db_path))
+
+    @tool(parse_docstring=True)
+    def lookup_order(order_id: str) -> dict[str, Any]:
+        """Look up an order: its status, items, total, shipping and tracking, and open support tickets.
+
+        Args:
+            order_id: The order number, e.g. "A1001".
+        """
+        with _connect(db) as conn:
+            return _order_details(conn, normalize_order_id(order_id))
+
+    @tool(parse_docstring=True)
+    def create_ticket(
+        summary: str, order_id: str | None = None, priority: Literal["low", "normal", "high"] = "normal"
+    ) -> dict[str, Any]:
+        """Open a support ticket for the customer's problem and return its ticket number.
+
+        Args:
+            summary: One or two sentences on what the customer needs.
+            order_id: The order the ticket is about, e.g. "A1001", if any.
+            priority: How urgent the problem is.
+        """
+        order = normalize_order_id(order_id) if order_id else None
+        with _connect(db) as conn:
+            return _insert_ticket(conn, summary, order, priority)
+
+    return [lookup_order, create_ticket]
