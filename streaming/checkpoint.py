@@ -31,7 +31,8 @@ def resolve_checkpoint_dir(path_or_repo: str | Path) -> Path:
     path = Path(path_or_repo).expanduser()
     if path.is_dir():
         return path
-    if path.exists() or str(path_or_repo).count("/") != 1:
+    text = str(path_or_repo)
+    if path.exists() or text.count("/") != 1 or text.startswith(("/", ".", "~")):
         raise CheckpointError(f"checkpoint not found: {path_or_repo} is neither a folder nor a repo id (owner/name)")
     try:
         from huggingface_hub import snapshot_download

@@ -46,3 +46,5 @@ def test_dtype_conversion_and_kept_float32(tmp_path):
 def test_unresolvable_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="neither a folder nor a repo id"):
         resolve_checkpoint_dir(tmp_path / "a" / "b" / "c")
+    with pytest.raises(CheckpointError, match="neither a folder nor a repo id"):
+        resolve_checkpoint_dir("/nonexistent")
