@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", parents=[common], help="benchmarks that print figures (table + JSON)")
     kinds = bench.add_subparsers(dest="kind", required=True, metavar="KIND")
     for kind, text in BENCH_HELP.items():
-        sub = kinds.add_parser(kind, parents=[common], help=text, add_help=False)
-        sub.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (see its --help)")
+        # No -h here: `bench KIND --help` is answered by the benchmark's own parser.
+        kinds.add_parser(kind, parents=[common], help=text, add_help=False)
 
     config = commands.add_parser("config", parents=[common], help="inspect the configuration")
     config_cmds = config.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -90,14 +90,18 @@ def _resolve(target: str) -> Callable[[Config, list[str]], int] | None:
 
 def _command_argv(args: argparse.Namespace) -> tuple[str, list[str]]:
     if args.command == "bench":
-        return f"bench {args.kind}", list(args.rest)
+        return f"bench {args.kind}", [arg for arg in args.unknown if arg != "--"]
     if args.command == "model":
         return "model info", [args.path] if args.path else []
     return args.command, []
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Benchmarks parse their own options: whatever this parser does not know goes to them.
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     overrides = list(args.overrides)
     if args.command == "serve":
         overrides += [f"server.host={args.host}"] * bool(args.host) + [f"server.port={args.port}"] * (args.port is not None)
@@ -111,6 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "config":
         print(dump_config(config), end="")
         return 0
+    args.unknown = unknown
     name, rest = _command_argv(args)
     handler = _resolve(COMMANDS[name])
     if handler is None:

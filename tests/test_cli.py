@@ -39,3 +39,30 @@ def test_console_script_is_installed():
     exe = subprocess.run([sys.executable, "-c", "import shutil,sys; print(shutil.which('mimo-voice', "
                           "path=__import__('os').path.dirname(sys.executable)))"], capture_output=True, text=True)
     assert exe.stdout.strip().endswith("mimo-voice")
+
+
+def _capture(config, argv):
+    _capture.seen = (config.agent.mode, argv)
+    return 0
+
+
+def test_bench_options_reach_the_benchmark(monkeypatch):
+    monkeypatch.setitem(cli.COMMANDS, "bench codec", f"{__name__}:_capture")
+    assert cli.main(["bench", "codec", "--seconds", "5", "--set", "agent.mode=thinking", "--", "--json", "x"]) == 0
+    mode, argv = _capture.seen
+    assert mode == "thinking"
+    assert argv == ["--seconds", "5", "--json", "x"]
+
+
+def test_unknown_option_outside_bench_is_rejected(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        cli.main(["config", "show", "--bogus"])
+    assert "--bogus" in capsys.readouterr().err
+
+
+def test_missing_command_module_says_not_yet_available(monkeypatch, capsys):
+    monkeypatch.setitem(cli.COMMANDS, "bench live", "mimo_voice.no_such_module:main")
+    assert cli.main(["bench", "live"]) == 3
+    assert "not yet available" in capsys.readouterr().err
