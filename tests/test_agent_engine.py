@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from agent_harness import Agent, FakeTransport, Harness, input_frames, tone, wait_until
 from fixtures.speech import spoken as say
+from session_support import Script, speech
 from langchain_core.tools import tool
 from pipecat.frames.frames import (
     BotStoppedSpeakingFrame,
@@ -47,34 +48,6 @@ def engine():
     asyncio.run(engine.aclose())
 
 
-class ForcedText:
-    """A ``text_hook``: the n-th response starts with ``scripts[n]`` (token ids), then the model goes on."""
-
-    def __init__(self, *scripts: list[int] | None) -> None:
-        self.scripts = list(scripts)
-        self.response = -1
-        self.position = 0
-
-    def __call__(self, tokens: list[int]) -> int | None:
-        if not tokens:
-            self.response, self.position = self.response + 1, 0
-        script = self.scripts[self.response] if self.response < len(self.scripts) else None
-        if script is None or self.position >= len(script):
-            return None
-        self.position += 1
-        return script[self.position - 1]
-
-
-def speech(engine: Engine, text: str, patches: int, *, end: bool = True) -> list[int]:
-    """``text`` in the model's interleave: 5 text tokens, 5 audio patches, ...; then ``<|eostm|>``."""
-    ids, empty = engine.builder.encode(text), engine.special.empty
-    script = []
-    for start in range(0, max(len(ids), 1), 5):
-        script += ids[start : start + 5] + [empty] * min(5, patches)
-        patches -= min(5, patches)
-    return script + [empty] * patches + [engine.special.eostm] * end
-
-
 def token_count_of(text: str, tokens: list[str]) -> int:
     """How many of ``tokens`` (in order) make up ``text``."""
     joined = ""
@@ -88,7 +61,7 @@ def token_count_of(text: str, tokens: list[str]) -> int:
 
 async def test_a_turn_through_the_real_session(engine):
     async with Agent(engine=engine, speed=4.0) as agent:
-        agent.session.text_hook = ForcedText(speech(engine, "Hello there, nice to meet you.", 8))
+        agent.session.text_hook = Script(speech(engine, "Hello there, nice to meet you.", 8))
         await agent.user_says(secs=0.6)
         await agent.responses_done()
         await agent.played_out()
@@ -141,7 +114,7 @@ async def test_a_tool_call_written_by_the_model_runs_and_speech_resumes(engine):
     first = speech(engine, "Let me check.", 5, end=False) + speech(engine, call, 10, end=False)
     second = speech(engine, "It is sunny there.", 5)
     async with Agent(engine=engine, tools=tools, speed=4.0) as agent:
-        agent.session.text_hook = ForcedText(first, second)
+        agent.session.text_hook = Script(first, second)
         await agent.user_says()
         await agent.responses_done(2)
         await agent.played_out(2)
@@ -160,14 +133,14 @@ async def test_a_tool_call_written_by_the_model_runs_and_speech_resumes(engine):
 async def test_barge_in_rolls_the_real_session_back_to_what_was_played(engine):
     words = " ".join(f"word{i}" for i in range(30))
     async with Agent(engine=engine, speed=4.0) as agent:
-        agent.session.text_hook = ForcedText(speech(engine, words, 40))  # 6.4 s of audio
+        agent.session.text_hook = Script(speech(engine, words, 40))  # 6.4 s of audio
         await agent.user_says()
         await wait_until(lambda: len(agent.output.written) >= 2 * 8 * SAMPLES_PER_PATCH, what="some playback")
         await agent.harness.send(UserStartedSpeakingFrame(), InterruptionFrame())
         await wait_until(lambda: agent.stopped_turns, what="the interrupted turn to close")
         assistant = next(t for t in reversed(agent.session.history) if t.role == "assistant")
         # The conversation goes on from there.
-        agent.session.text_hook = ForcedText(speech(engine, "Sorry, go on.", 5))
+        agent.session.text_hook = Script(speech(engine, "Sorry, go on.", 5))
         await agent.user_says()
         await agent.responses_done(2)
         history = list(agent.session.history)
@@ -187,7 +160,7 @@ async def test_barge_in_rolls_the_real_session_back_to_what_was_played(engine):
 async def test_thinking_is_logged_and_shown_but_never_spoken(engine):
     thought = engine.builder.encode("The secret word is zebra.\n</think>")
     async with Agent(engine=engine, overrides=["agent.mode=thinking"], speed=4.0) as agent:
-        agent.session.text_hook = ForcedText(speech(engine, "Let me think.", 5),
+        agent.session.text_hook = Script(speech(engine, "Let me think.", 5),
                                              thought + speech(engine, "Here it is.", 5))
         await agent.user_says()
         await agent.responses_done(2)
@@ -208,7 +181,7 @@ async def test_thinking_is_logged_and_shown_but_never_spoken(engine):
 
 async def test_noise_that_never_became_a_turn_leaves_no_trace(engine):
     async with Agent(engine=engine, speed=4.0) as agent:
-        agent.session.text_hook = ForcedText(speech(engine, "Yes?", 5))
+        agent.session.text_hook = Script(speech(engine, "Yes?", 5))
         await agent.harness.send(VADUserStartedSpeakingFrame(start_secs=0.2))
         await agent.send_audio(tone(1.5))
         await agent.harness.send(VADUserStoppedSpeakingFrame(stop_secs=0.5))
@@ -240,7 +213,7 @@ async def test_create_worker_with_the_real_engine_answers_and_takes_barge_in(eng
         return len(harness.log.frames(transport.output(), BotStoppedSpeakingFrame, FrameDirection.UPSTREAM))
 
     async with harness:
-        service.session.text_hook = ForcedText(speech(engine, "Hi.", 4), speech(engine, "one two three four", 30),
+        service.session.text_hook = Script(speech(engine, "Hi.", 4), speech(engine, "one two three four", 30),
                                                speech(engine, "Okay.", 4))
         await caller(0.3, "Hello", 0.8)
         await wait_until(lambda: played_answers() == 1, what="the first answer")
