@@ -8,8 +8,9 @@ while it is generated. Reported, with p50/p90 over runs (and turns where it appl
 
 - per audio group: LLM step + 11-step patch decoder + patch encoder, and the same plus streaming decode;
   RTF = that time / 160 ms of audio;
-- end of turn -> first audio patch and -> first PCM chunk, at turn 1 and at the last turn. History is never
-  re-prefilled, so the last turn must stay within 1.2x of the first.
+- end of turn -> the rest of the user's turn encoded and fed (the part not done while they talked), -> first
+  audio patch and -> first PCM chunk, at turn 1 and at the last turn. History is never re-prefilled, so the
+  last turn must stay within 1.2x of the first (the command fails otherwise).
 
 The official implementation's figures on a 2-core CPU (presets.md) are printed alongside; they vary up to
 1.5x between runs on the same idle machine, so compare ratios measured side by side, not absolute values.
@@ -35,8 +36,10 @@ PIECE = INPUT_RATE // 50  # 20 ms, as WebRTC delivers it
 MAX_TURN_RATIO = 1.2
 # presets.md: the official implementation, 2-core CPU, fp32, greedy, audio forced (medians of 5 runs).
 OFFICIAL = {
-    "tiny": {"group_ms": 13.5, "rtf": 0.086, "first_patch_turn1_ms": 23, "first_patch_turn20_ms": 37, "first_pcm_s": 0.29},
-    "small": {"group_ms": 89, "rtf": 0.56, "first_patch_turn1_ms": 113, "first_patch_turn20_ms": 680, "first_pcm_s": 1.58},
+    "tiny": {"group_ms": 13.5, "rtf": 0.086, "first_patch_turn1_ms": 23, "first_patch_turn20_ms": 37,
+             "first_pcm_s": 0.29},
+    "small": {"group_ms": 89, "rtf": 0.56, "first_patch_turn1_ms": 113, "first_patch_turn20_ms": 680,
+              "first_pcm_s": 1.58},
 }
 
 
@@ -90,8 +93,8 @@ async def _turn(session: Session, audio: np.ndarray) -> dict[str, float]:
     if end is None or end.reason != "stop":
         raise RuntimeError(f"a benchmark turn ended with {end.reason if end else 'nothing'}: {end and end.error}")
     steps = end.timings["ms_per_audio_step"]
-    return {"first_patch_s": first_patch, "first_pcm_s": first_pcm, "step_ms": steps,
-            "group_ms": steps - end.timings["ms_pcm_per_patch"], "pcm_ms": end.timings["ms_pcm_per_patch"]}
+    return {"prefill_s": end.timings["prefill_s"], "first_patch_s": first_patch, "first_pcm_s": first_pcm,
+            "step_ms": steps, "group_ms": steps - end.timings["ms_pcm_per_patch"]}
 
 
 async def _conversation(engine: Engine, args: argparse.Namespace, run: int, progress: ProgressBar) -> list[dict]:
@@ -125,6 +128,8 @@ def _tables(runs: list[list[dict]], preset: str | None, describe: str) -> tuple[
         "group_ms": summarize(t["group_ms"] for t in every),
         "group_with_decode_ms": summarize(t["step_ms"] for t in every),
         "rtf": summarize(t["step_ms"] / 160 for t in every),
+        "prefill_turn1_ms": summarize(1000 * t["prefill_s"] for t in first),
+        "prefill_last_turn_ms": summarize(1000 * t["prefill_s"] for t in last),
         "first_patch_turn1_ms": summarize(1000 * t["first_patch_s"] for t in first),
         "first_patch_last_turn_ms": summarize(1000 * t["first_patch_s"] for t in last),
         "first_pcm_turn1_s": summarize(t["first_pcm_s"] for t in first),
@@ -136,6 +141,8 @@ def _tables(runs: list[list[dict]], preset: str | None, describe: str) -> tuple[
         ("per audio group: LLM step + patch decoder + patch encoder (ms)", "group_ms", official.get("group_ms")),
         ("per audio group, with streaming decode (ms)", "group_with_decode_ms", None),
         ("RTF (per audio group with decode / 160 ms)", "rtf", official.get("rtf")),
+        ("end of turn -> rest of the turn encoded and fed, turn 1 (ms)", "prefill_turn1_ms", None),
+        (f"end of turn -> rest of the turn encoded and fed, turn {turns} (ms)", "prefill_last_turn_ms", None),
         ("end of turn -> first patch, turn 1 (ms)", "first_patch_turn1_ms", official.get("first_patch_turn1_ms")),
         (f"end of turn -> first patch, turn {turns} (ms)", "first_patch_last_turn_ms",
          official.get("first_patch_turn20_ms") if turns == 20 else None),

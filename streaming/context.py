@@ -80,7 +80,8 @@ class Context:
         return next(index for index, entry in enumerate(self.entries) if entry.segment is segment)
 
     def audio_indices(self, segment: Segment) -> list[int]:
-        return [index for index, entry in enumerate(self.entries) if entry.segment is segment and entry.codes is not None]
+        return [index for index, entry in enumerate(self.entries)
+                if entry.segment is segment and entry.codes is not None]
 
     def compact(self, target: int, protected: int) -> int:
         """Shrinks the record to at most ``target`` positions; returns how many were dropped.

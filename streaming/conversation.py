@@ -42,7 +42,8 @@ class UserTurn:
     def __init__(self, conversation: Conversation, segment: Segment) -> None:
         streaming = conversation.config.streaming
         self.segment = segment
-        self.encoder = IncrementalEncoder(conversation.codec, streaming.encode_chunk_secs, streaming.encode_overlap_secs)
+        self.encoder = IncrementalEncoder(conversation.codec, streaming.encode_chunk_secs,
+                                          streaming.encode_overlap_secs)
         self.group_size = conversation.model.config.group_size
         self.samples_per_frame = conversation.codec.samples_per_frame
         self.resampler: Resampler | None = None
@@ -90,8 +91,8 @@ class Conversation:
         self.worker = worker
         self.session_id = session_id
         self.config = worker.config
-        self.model, self.codec, self.tokenizer, self.special = worker.model, worker.codec, worker.tokenizer, worker.special
-        self.builder = worker.builder
+        self.model, self.codec, self.builder = worker.model, worker.codec, worker.builder
+        self.tokenizer, self.special = worker.tokenizer, worker.special
         self.task = task
         self.format = task_format(task)
         sampling = self.config.sampling_for(self.format.sampling)
@@ -187,7 +188,8 @@ class Conversation:
     def _close_user_turn(self) -> None:
         user = self.user
         patches = user.finish()
-        user.pending.append(self.builder.audio(patches) + self.builder.tokens([self.special.eosp]) + self.builder.user_close())
+        end = self.builder.tokens([self.special.eosp]) + self.builder.user_close()
+        user.pending.append(self.builder.audio(patches) + end)
         self._flush_user()
         self.user = None
         self.system_prompt = None
@@ -195,7 +197,8 @@ class Conversation:
 
     def _user_in_context(self) -> bool:
         """Whether the open user turn is in the record (it is then its tail) rather than waiting in ``pending``."""
-        return self.user is not None and bool(self.context.entries) and self.context.entries[-1].segment is self.user.segment
+        entries = self.context.entries
+        return self.user is not None and bool(entries) and entries[-1].segment is self.user.segment
 
     def discard_user_audio(self) -> None:
         if self._user_in_context():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
+import queue
 import subprocess
 import sys
 import threading
@@ -56,13 +57,15 @@ class Engine:
         self.builder = PromptBuilder(tokenizer, self.special, model_config.speech_empty_ids, model_config.group_size)
         self._process = process
         self._connection = connection
-        self._send_lock = threading.Lock()
+        self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._ids = itertools.count(1)
         self._futures: dict[int, concurrent.futures.Future] = {}
         self._sessions: dict[int, Session] = {}
         self._closed = False
         self._reader = threading.Thread(target=self._read, name="mimo-engine-reader", daemon=True)
         self._reader.start()
+        self._sender = threading.Thread(target=self._write, name="mimo-engine-sender", daemon=True)
+        self._sender.start()
 
     @classmethod
     def load(cls, config: Config) -> Engine:
@@ -85,7 +88,8 @@ class Engine:
             reply = connection.recv()
         except (EOFError, OSError):
             process.wait()
-            raise EngineClosed(f"the engine's worker process died while loading (exit code {process.returncode})") from None
+            raise EngineClosed(f"the engine's worker process died while loading (exit code {process.returncode})"
+                               ) from None
         if reply[0] == "failed":
             process.wait()
             raise reply[1]
@@ -126,10 +130,19 @@ class Engine:
         self._sessions.pop(session_id, None)
 
     def _send(self, message: tuple) -> None:
+        """Pickles here (an unpicklable argument is the caller's error) and leaves the writing to the sender
+        thread, so the event loop never blocks on a full pipe while the worker is busy."""
         if self._closed:
             raise EngineClosed("the engine is closed")
-        with self._send_lock:
-            self._connection.send(message)
+        self._outbox.put(Channel.pack(message))
+
+    def _write(self) -> None:
+        """Sender thread: the outbox, in order, into the pipe."""
+        while (data := self._outbox.get()) is not None:
+            try:
+                self._connection.send_packed(data)
+            except OSError:  # the worker is gone; the reader reports it
+                return
 
     def _read(self) -> None:
         """Reader thread: results to their futures, events and history to their sessions."""
@@ -151,13 +164,14 @@ class Engine:
             elif kind == "stopped":
                 break
         self._closed = True
+        self._outbox.put(None)
         self._fail_pending()
 
     def _fail_pending(self) -> None:
-        for future in self._futures.values():
+        futures, self._futures = self._futures, {}
+        for future in futures.values():
             if not future.done():
                 future.set_exception(EngineClosed("the engine's worker process ended"))
-        self._futures.clear()
         for session in list(self._sessions.values()):
             session._receive("event", None, TurnEnd("error", error="the engine's worker process ended"))
 
@@ -170,6 +184,7 @@ class Engine:
                 pass
         await asyncio.to_thread(self._reader.join, STOP_TIMEOUT_SECS)
         self._closed = True
+        self._outbox.put(None)
         try:
             await asyncio.to_thread(self._process.wait, STOP_TIMEOUT_SECS)
         except subprocess.TimeoutExpired:

@@ -1,5 +1,5 @@
 """One assistant response in progress: the request state the engine's step loop advances one LLM
-position at a time (:meth:`Generation.step`), on the worker thread.
+position at a time (:meth:`Generation.step`), in the engine's worker process.
 
 Each step follows upstream's generation loop: the text head picks the next token (or a forced one:
 the thinking budget's ``</think>``, the ``<|sostm|>`` that opens speech, a test's ``text_hook``);
@@ -113,8 +113,10 @@ class Generation:
     def _banned(self) -> list[int]:
         special = self.conv.special
         if self.phase == "stream":
-            return []
+            return [special.sostm]  # a stream opens once
         banned = [special.empty, special.eot, special.eostm]
+        if self.phase == "thinking":  # a thought is followed by an answer: no stopping inside the block
+            banned += [special.im_end, special.endoftext]
         # Speech may open from thinking (the model skipping </think>); text output never opens a stream.
         return banned + [special.sostm] * (self.output == "text")
 
@@ -205,7 +207,9 @@ class Generation:
         if reason not in ("cancelled", "error"):
             self._release(self.filter.flush())
             unclosed = self.filter.unclosed_call()
-            call = self.filter.call or (ToolCallText(unclosed, time=time.perf_counter()) if unclosed is not None else None)
+            call = self.filter.call
+            if call is None and unclosed is not None:  # the turn ended inside the call: the agent reports it
+                call = ToolCallText(unclosed, time=time.perf_counter())
             if call is not None:
                 self._emit(call)
                 reason = "tool_call"

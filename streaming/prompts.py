@@ -145,7 +145,8 @@ class PromptBuilder:
         """Bare audio positions (no ``<|sosp|>``/``<|eosp|>``): ``patches`` Long[P, group, channels]."""
         patches = torch.as_tensor(patches, dtype=torch.long)
         if patches.ndim != 3 or patches.shape[1] != self.group_size or patches.shape[2] != len(self.empty_row):
-            raise ValueError(f"expected patches [P, {self.group_size}, {len(self.empty_row)}], got {tuple(patches.shape)}")
+            want = f"[P, {self.group_size}, {len(self.empty_row)}]"
+            raise ValueError(f"expected patches {want}, got {tuple(patches.shape)}")
         return Positions(torch.full((patches.shape[0],), self.special.empty, dtype=torch.long), patches.cpu())
 
     def speech(self, patches: Tensor) -> Positions:

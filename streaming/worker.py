@@ -59,8 +59,15 @@ class Channel:
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
 
+    @staticmethod
+    def pack(message: Any) -> bytes:
+        return pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+
     def send(self, message: Any) -> None:
-        self.connection.send_bytes(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
+        self.connection.send_bytes(self.pack(message))
+
+    def send_packed(self, data: bytes) -> None:
+        self.connection.send_bytes(data)
 
     def recv(self) -> Any:
         return pickle.loads(self.connection.recv_bytes())

@@ -1,8 +1,10 @@
-"""The engine: one worker thread shared by sessions, the event loop never waits on it, the embedded tiny preset."""
+"""The engine: one worker process shared by sessions, a loop that never waits on it, the tiny preset."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
 import threading
 import time
 import wave
@@ -17,6 +19,7 @@ from session_support import (
 
 from mimo_voice.configs import load_config
 from mimo_voice.streaming import tiny_training
+from mimo_voice.streaming.checkpoint import CheckpointError
 from mimo_voice.streaming.configuration_mimo_audio import MiMoAudioConfig
 from mimo_voice.streaming.engine import Engine, EngineClosed, read_voice_prompt
 from mimo_voice.streaming.events import AudioPatch
@@ -137,6 +140,17 @@ async def test_a_voice_prompt_opens_every_conversation(tmp_path):
         read_voice_prompt(tmp_path / "bad.wav")
 
 
+def test_a_checkpoint_that_does_not_load_is_a_clear_error(tmp_path):
+    llm, codec = tiny_training.ensure_preset_checkpoints("tiny")
+    broken = tmp_path / "llm"
+    shutil.copytree(llm, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["local_layers"] += 1  # the model now wants a patch-decoder layer the checkpoint lacks
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="missing key 'local_transformer.layers"):
+        Engine.load(load_config(None, [f"model.path={broken}", f"model.tokenizer_path={codec}"]))
+
+
 def test_the_embedded_preset_is_built_once_across_processes_and_threads(tmp_path, monkeypatch):
     builds = []
 
@@ -148,8 +162,11 @@ def test_the_embedded_preset_is_built_once_across_processes_and_threads(tmp_path
 
     monkeypatch.setattr(tiny_training, "_build", fake_build)
     results = []
-    callers = [threading.Thread(target=lambda: results.append(tiny_training.ensure_preset_checkpoints("tiny", tmp_path)))
-               for _ in range(3)]
+
+    def build() -> None:
+        results.append(tiny_training.ensure_preset_checkpoints("tiny", tmp_path))
+
+    callers = [threading.Thread(target=build) for _ in range(3)]
     for caller in callers:
         caller.start()
     for caller in callers:
@@ -158,6 +175,9 @@ def test_the_embedded_preset_is_built_once_across_processes_and_threads(tmp_path
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
     other = tiny_training.ensure_preset_checkpoints("tiny", tmp_path, tiny_training.Recipe(steps=1))
     assert other != results[0] and builds == ["tiny", "tiny"]  # another recipe, another cache entry
+    third = tiny_training.ensure_preset_checkpoints("tiny", tmp_path, tiny_training.Recipe(steps=2))
+    kept = {p for p in tmp_path.iterdir() if p.is_dir()}
+    assert kept == {other[0].parent, third[0].parent}  # the oldest build was pruned
 
 
 def test_the_offset_head_starts_out_looking_four_positions_back():

@@ -72,7 +72,8 @@ async def test_roll_back_leaves_the_cache_of_a_session_that_only_said_the_heard_
         rolled_back = await session.inspect(cache_tensors)
         assert_same_cache(rolled_back, await short.inspect(cache_tensors))  # same seed: the same 3 patches
         cut = await session.inspect(cache_length)
-        expected = (builder.user_speech_turn((await session.inspect(user_patches))[0], engine.config.agent.system_prompt)
+        user_turn = (await session.inspect(user_patches))[0]
+        expected = (builder.user_speech_turn(user_turn, engine.config.agent.system_prompt)
                     + builder.assistant_prefix("speech", False) + generated(engine, heard_part, events))
         _, fresh = await session.inspect(one_prefill, expected)
         assert_same_cache(rolled_back, fresh)

@@ -35,8 +35,8 @@ def layout(context: Context) -> list[tuple[str, str]]:
 
 
 def test_oldest_audio_goes_first_and_text_stays():
-    voice, user1, bot1, close1 = Segment("voice", pinned=True), Segment("user", pinned=True), Segment("assistant"), Segment("closure")
-    user2 = Segment("user")
+    voice, user1, user2 = Segment("voice", pinned=True), Segment("user", pinned=True), Segment("user")
+    bot1, close1 = Segment("assistant"), Segment("closure")
     context = context_of((voice, "taat"), (user1, "ttaaaat"), (bot1, "ttaattaa"), (close1, "tt"), (user2, "taaaat"))
     dropped = context.compact(target=20, protected=6)
     assert dropped == 7
@@ -63,12 +63,13 @@ async def test_a_thirty_minute_call_keeps_running(tiny_engine):
     """30 turns of 60 s of user speech (11,250 patches, more than the 8192-position window) and short replies."""
     engine, turns, frames_per_turn = tiny_engine, 30, 1500
     generator = torch.Generator().manual_seed(0)
+    vocab = torch.tensor([1024, 1024] + [128] * 6)
     reply = speech(engine, "Okay.", 3)
     async with opened(engine) as session:
         session.text_hook = Script(*[reply] * turns)
         ends, longest = [], 0
         for _ in range(turns):
-            codes = (torch.rand(frames_per_turn, 8, generator=generator) * torch.tensor([1024, 1024] + [128] * 6)).long()
+            codes = (torch.rand(frames_per_turn, 8, generator=generator) * vocab).long()
             await session.feed_codes(codes)
             ends.append(end_of(await collect(session.respond())))
             longest = max(longest, await session.inspect(record_length))

@@ -121,8 +121,8 @@ async def test_the_mode_switches_between_turns(tiny_engine):
 
 async def test_a_tool_call_is_withheld_from_speech_and_reported(tiny_engine):
     call = '{"name": "current_time", "arguments": {}}'
-    script = speech(tiny_engine, "Let me check.", 5, end=False) + speech(tiny_engine, f"<tool_call>{call}</tool_call>", 10,
-                                                                          end=False)
+    script = (speech(tiny_engine, "Let me check.", 5, end=False)
+              + speech(tiny_engine, f"<tool_call>{call}</tool_call>", 10, end=False))
     async with opened(tiny_engine) as session:
         session.text_hook = Script(script, speech(tiny_engine, "It is noon.", 5))
         await session.feed_audio(voice(0.5), 16_000)
@@ -198,6 +198,10 @@ async def test_bad_input_gets_clear_errors(tiny_engine):
             await session.feed_audio(np.zeros(160, np.float64), 16_000)
         with pytest.raises(ValueError, match="role"):
             await session.add_text("wizard", "hi")
+        with pytest.raises(ValueError, match="codes"):
+            await session.feed_codes(np.zeros((4, 7), np.int64))
+        with pytest.raises(TypeError, match="picklable"):
+            session.text_hook = lambda tokens: None  # it runs in the worker process
         session.text_hook = Script(speech(tiny_engine, "Hi.", 5))
         events = session.respond()
         with pytest.raises(RuntimeError, match="still being generated"):
