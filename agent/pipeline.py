@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from mimo_voice.streaming.engine.events import SAMPLE_RATE
 from pipecat.audio.vad.vad_analyzer import VADAnalyzer
 from pipecat.observers.base_observer import BaseObserver
 from pipecat.pipeline.pipeline import Pipeline
@@ -18,15 +19,13 @@ from pipecat.transports.base_transport import BaseTransport
 from pipecat.turns.user_stop import SpeechTimeoutUserTurnStopStrategy, TurnAnalyzerUserTurnStopStrategy
 from pipecat.turns.user_turn_strategies import UserTurnStrategies
 
-from mimo_voice.streaming.events import SAMPLE_RATE
-from mimo_voice.transports.vad import create_turn_analyzer
-
 from .service import MiMoAudioService
 from .turns import BargeInGuardUserTurnStartStrategy, VoicedSpeechProbe
+from .vad import create_turn_analyzer
 
 if TYPE_CHECKING:
     from mimo_voice.configs import Config
-    from mimo_voice.streaming.engine import Engine
+    from mimo_voice.streaming.engine.engine import Engine
     from mimo_voice.tools import ToolRegistry
 
 PIPELINE_IN_RATE = 16_000  # Silero and webrtcvad want 8/16 kHz; the session resamples to the model's 24 kHz

@@ -17,10 +17,9 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from mimo_voice.streaming.engine.events import SAMPLE_RATE
 from pipecat.frames.frames import Frame, OutputAudioRawFrame, TTSStartedFrame, TTSStoppedFrame
 from pipecat.processors.frame_processor import FrameProcessor
-
-from mimo_voice.streaming.events import SAMPLE_RATE
 
 _KEPT_RESPONSES = 8
 

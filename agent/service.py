@@ -26,6 +26,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
+from mimo_voice.streaming.engine.events import (
+    SAMPLE_RATE,
+    SAMPLES_PER_PATCH,
+    AudioChunk,
+    AudioPatch,
+    TextToken,
+    ToolCallText,
+    TurnEnd,
+)
+from mimo_voice.streaming.engine.prompts import check_mode
+from mimo_voice.tools import END_CALL_TOOL, ToolCall, ToolCallError, parse_tool_call, tools_prompt
 from pipecat.audio.vad.vad_analyzer import VAD_START_SECS
 from pipecat.frames.frames import (
     EndWorkerFrame,
@@ -62,24 +73,12 @@ from pipecat.services.llm_service import LLMService
 from pipecat.services.settings import LLMSettings
 from pipecat.utils.text.base_text_aggregator import TextType
 
-from mimo_voice.streaming.events import (
-    SAMPLE_RATE,
-    SAMPLES_PER_PATCH,
-    AudioChunk,
-    AudioPatch,
-    TextToken,
-    ToolCallText,
-    TurnEnd,
-)
-from mimo_voice.streaming.prompts import check_mode
-from mimo_voice.tools import END_CALL_TOOL, ToolCall, ToolCallError, parse_tool_call, tools_prompt
-
 from .playback import PlaybackTracker
 
 if TYPE_CHECKING:
     from mimo_voice.configs import Config
-    from mimo_voice.streaming.engine import Engine
-    from mimo_voice.streaming.session import Session
+    from mimo_voice.streaming.engine.engine import Engine
+    from mimo_voice.streaming.engine.session import Session
     from mimo_voice.tools import ToolRegistry
 
 SET_MODE_MESSAGE = "set-mode"  # app message {"type": "set-mode", "mode": ...}; RTVI client message of that type
@@ -89,7 +88,7 @@ INJECTED_ROLES = {"user": "user", "system": "system", "developer": "system"}
 ACKNOWLEDGEMENT_MAX_SECS = 3.0
 ACKNOWLEDGE_NOTE = (
     "Reply to the user's next message with a short acknowledgement of a few words only, such as "
-    "\"Let me think about that.\", without answering it yet."
+    '"Let me think about that.", without answering it yet.'
 )
 ANSWER_NOTE = "Now think the user's request through, then answer it."
 
@@ -483,8 +482,11 @@ class MiMoAudioService(LLMService):
         logger.info(f"{self}: tool call {call.name}({call.arguments})")
         self._pending_calls.add(call.call_id)
         await self.run_function_calls(
-            [FunctionCallFromLLM(function_name=call.name, tool_call_id=call.call_id, arguments=call.arguments,
-                                 context=self._context)]
+            [
+                FunctionCallFromLLM(
+                    function_name=call.name, tool_call_id=call.call_id, arguments=call.arguments, context=self._context
+                )
+            ]
         )
 
     async def _settle_tool_call(self, frame: FunctionCallResultFrame | FunctionCallCancelFrame) -> None:

@@ -1,1 +1,1 @@
-"""The MiMo-Audio engine: model, audio tokenizer, checkpoint loading and the streaming session."""
+"""The MiMo-Audio engine: the model (model/), the serving engine (engine/), presets and benchmarks."""

@@ -13,6 +13,19 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from mimo_voice.agent.playback import PlaybackTracker
+from mimo_voice.agent.service import MiMoAudioService
+from mimo_voice.configs import load_config
+from mimo_voice.streaming.engine.events import (
+    SAMPLE_RATE,
+    SAMPLES_PER_PATCH,
+    AudioChunk,
+    AudioPatch,
+    Event,
+    TextToken,
+    ToolCallText,
+    TurnEnd,
+)
 from pipecat.audio.vad.vad_analyzer import VADAnalyzer, VADParams
 from pipecat.frames.frames import (
     BotStoppedSpeakingFrame,
@@ -38,21 +51,6 @@ from pipecat.transports.base_output import BaseOutputTransport
 from pipecat.transports.base_transport import BaseTransport, TransportParams
 from pipecat.turns.user_turn_strategies import ExternalUserTurnStrategies
 from pipecat.workers.runner import WorkerRunner
-
-from mimo_voice.agent.playback import PlaybackTracker
-from mimo_voice.agent.service import MiMoAudioService
-from mimo_voice.configs import load_config
-
-from mimo_voice.streaming.events import (
-    SAMPLE_RATE,
-    SAMPLES_PER_PATCH,
-    AudioChunk,
-    AudioPatch,
-    Event,
-    TextToken,
-    ToolCallText,
-    TurnEnd,
-)
 
 IN_RATE = 16_000
 FRAME_SECS = 0.02  # 20 ms input frames, like SmallWebRTC's
@@ -161,8 +159,9 @@ class FakeEngine:
     is_tiny: bool = True
     opened: list[dict] = field(default_factory=list)
 
-    def new_session(self, *, mode: str = "non_thinking", system_prompt: str | None = None,
-                    task: str = "spoken_dialogue") -> ScriptedSession:
+    def new_session(
+        self, *, mode: str = "non_thinking", system_prompt: str | None = None, task: str = "spoken_dialogue"
+    ) -> ScriptedSession:
         self.opened.append({"mode": mode, "system_prompt": system_prompt, "task": task})
         self.session.mode, self.session.system_prompt, self.session.task = mode, system_prompt, task
         return self.session
@@ -262,8 +261,12 @@ class PushLog(BaseObserver):
         if data.first_push:
             self.pushes.append((data.source, data.frame, data.direction))
 
-    def frames(self, source: FrameProcessor, kind: type | tuple[type, ...] = Frame,
-               direction: FrameDirection = FrameDirection.DOWNSTREAM) -> list:
+    def frames(
+        self,
+        source: FrameProcessor,
+        kind: type | tuple[type, ...] = Frame,
+        direction: FrameDirection = FrameDirection.DOWNSTREAM,
+    ) -> list:
         return [f for s, f, d in self.pushes if s is source and isinstance(f, kind) and d == direction]
 
 
@@ -293,8 +296,12 @@ class Harness:
         if worker is None:
             worker = PipelineWorker(
                 Pipeline([*processors, self.sink]),
-                params=PipelineParams(audio_in_sample_rate=IN_RATE, audio_out_sample_rate=SAMPLE_RATE,
-                                      enable_metrics=True, enable_usage_metrics=True),
+                params=PipelineParams(
+                    audio_in_sample_rate=IN_RATE,
+                    audio_out_sample_rate=SAMPLE_RATE,
+                    enable_metrics=True,
+                    enable_usage_metrics=True,
+                ),
                 enable_rtvi=False,
                 cancel_on_idle_timeout=False,
             )
@@ -347,8 +354,9 @@ async def wait_until(condition: Callable[[], bool], timeout: float = 60.0, what:
 class Agent:
     """user aggregator -> service -> output transport -> assistant aggregator, around a scripted session."""
 
-    def __init__(self, answers=(), *, engine=None, overrides=(), tools=None, speed: float = 8.0,
-                 step_secs: float = 0.005):
+    def __init__(
+        self, answers=(), *, engine=None, overrides=(), tools=None, speed: float = 8.0, step_secs: float = 0.005
+    ):
         self.config = load_config(None, list(overrides))
         self.engine = engine or FakeEngine(ScriptedSession(list(answers), step_secs=step_secs))
         self.service = MiMoAudioService(engine=self.engine, config=self.config, tools=tools)
@@ -404,5 +412,4 @@ class Agent:
         await wait_until(lambda: len(self.harness.sink.of(InputAudioRawFrame)) >= target, what="user audio fed")
 
     async def played_out(self, count: int = 1) -> None:
-        await wait_until(lambda: len(self.harness.sink.of(BotStoppedSpeakingFrame)) >= count,
-                         what="playback to finish")
+        await wait_until(lambda: len(self.harness.sink.of(BotStoppedSpeakingFrame)) >= count, what="playback to finish")

@@ -1,6 +1,5 @@
 """Shared fixtures. Several test modules add session-scoped tiny checkpoints here."""
 
-
 import pytest
 
 
@@ -8,7 +7,7 @@ import pytest
 def tiny_llm_dir(tmp_path_factory):
     """A random (seed 0) `tiny` MiMo-Audio LLM checkpoint in the official layout: config.json,
     sharded safetensors + index, tokenizer.json/tokenizer_config.json. Treat it as read-only."""
-    from mimo_voice.streaming.modeling_mimo_audio import write_tiny_checkpoint
+    from mimo_voice.streaming.model.modeling_mimo_audio import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_llm"))
 
@@ -17,7 +16,7 @@ def tiny_llm_dir(tmp_path_factory):
 def tiny_tokenizer_dir(tmp_path_factory):
     """A random (seed 0) `tiny` MiMo-Audio-Tokenizer checkpoint in the official layout (config.json +
     model.safetensors with every official key, EMA buffers included). Treat it as read-only."""
-    from mimo_voice.streaming.modeling_audio_tokenizer import write_tiny_tokenizer
+    from mimo_voice.streaming.model.modeling_audio_tokenizer import write_tiny_tokenizer
 
     return write_tiny_tokenizer(tmp_path_factory.mktemp("tiny_tokenizer"))
 
@@ -29,7 +28,7 @@ def tiny_engine():
     import asyncio
 
     from mimo_voice.configs import load_config
-    from mimo_voice.streaming.engine import Engine
+    from mimo_voice.streaming.engine.engine import Engine
 
     engine = Engine.load(load_config(None))
     yield engine

@@ -6,9 +6,8 @@ import contextlib
 
 import numpy as np
 import torch
-
-from mimo_voice.streaming.engine import Engine
-from mimo_voice.streaming.events import AudioChunk, AudioPatch, Event, TextToken, TurnEnd
+from mimo_voice.streaming.engine.engine import Engine
+from mimo_voice.streaming.engine.events import AudioChunk, AudioPatch, Event, TextToken, TurnEnd
 
 
 class Script:
@@ -35,7 +34,7 @@ def speech(engine: Engine, text: str, patches: int, *, end: bool = True) -> list
     ids, empty = engine.builder.encode(text), engine.special.empty
     script = []
     for start in range(0, max(len(ids), 1), 5):
-        script += ids[start:start + 5] + [empty] * min(5, patches)
+        script += ids[start : start + 5] + [empty] * min(5, patches)
         patches -= min(5, patches)
     return script + [empty] * patches + [engine.special.eostm] * end
 
@@ -218,14 +217,14 @@ def _exploding_push(user_turn, pcm, sample_rate):
 
 def break_feeding(conversation) -> None:
     """Makes every user audio push fail in the worker, until ``mend_feeding``."""
-    from mimo_voice.streaming.conversation import UserTurn
+    from mimo_voice.streaming.engine.conversation import UserTurn
 
     _saved["push"] = UserTurn.push
     UserTurn.push = _exploding_push
 
 
 def mend_feeding(conversation) -> None:
-    from mimo_voice.streaming.conversation import UserTurn
+    from mimo_voice.streaming.engine.conversation import UserTurn
 
     UserTurn.push = _saved.pop("push")
 

@@ -12,10 +12,16 @@ import numpy as np
 import pytest
 from agent_harness import Agent, FakeTransport, Harness, input_frames, tone, wait_until
 from fixtures.speech import spoken as say
-from session_support import Script, speech
 from langchain_core.tools import tool
+from mimo_voice.agent.pipeline import create_worker
+from mimo_voice.agent.vad import create_vad_analyzer
+from mimo_voice.configs import load_config
+from mimo_voice.streaming.engine.engine import Engine
+from mimo_voice.streaming.engine.events import SAMPLES_PER_PATCH
+from mimo_voice.tools import ToolRegistry
 from pipecat.frames.frames import (
     BotStoppedSpeakingFrame,
+    InterruptionFrame,
     LLMFullResponseEndFrame,
     LLMFullResponseStartFrame,
     LLMTextFrame,
@@ -26,19 +32,12 @@ from pipecat.frames.frames import (
     TTSStoppedFrame,
     TTSTextFrame,
     UserStartedSpeakingFrame,
-    InterruptionFrame,
     VADUserStartedSpeakingFrame,
     VADUserStoppedSpeakingFrame,
 )
 from pipecat.metrics.metrics import LLMUsageMetricsData, TTFBMetricsData
 from pipecat.processors.frame_processor import FrameDirection
-
-from mimo_voice.agent.pipeline import create_worker
-from mimo_voice.configs import load_config
-from mimo_voice.streaming.engine import Engine
-from mimo_voice.streaming.events import SAMPLES_PER_PATCH
-from mimo_voice.tools import ToolRegistry
-from mimo_voice.transports.vad import create_vad_analyzer
+from session_support import Script, speech
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +66,9 @@ async def test_a_turn_through_the_real_session(engine):
         await agent.played_out()
         history = list(agent.session.history)
 
-    frames = agent.pushed((LLMFullResponseStartFrame, TTSStartedFrame, TTSAudioRawFrame, TTSStoppedFrame,
-                           LLMFullResponseEndFrame))
+    frames = agent.pushed(
+        (LLMFullResponseStartFrame, TTSStartedFrame, TTSAudioRawFrame, TTSStoppedFrame, LLMFullResponseEndFrame)
+    )
     kinds = [type(f) for f in frames]
     assert kinds[:2] == [LLMFullResponseStartFrame, TTSStartedFrame]
     assert kinds[-2:] == [TTSStoppedFrame, LLMFullResponseEndFrame]
@@ -80,13 +80,12 @@ async def test_a_turn_through_the_real_session(engine):
 
     spoken = "".join(f.text for f in agent.pushed(TTSTextFrame))
     assert spoken == "Hello there, nice to meet you."
-    assert [(t.role, t.text, t.interrupted) for t in history] == [
-        ("user", "", False), ("assistant", spoken, False)]
+    assert [(t.role, t.text, t.interrupted) for t in history] == [("user", "", False), ("assistant", spoken, False)]
     assert history[0].audio_seconds >= 0.55  # the user audio streamed in while they spoke
     assert agent.context.messages[-1] == {"role": "assistant", "content": spoken}
 
     metrics = agent.pushed(MetricsFrame)
-    assert [d for f in metrics for d in f.data if isinstance(d, TTFBMetricsData)][0].value >= 0.5
+    assert next(d for f in metrics for d in f.data if isinstance(d, TTFBMetricsData)).value >= 0.5
     (usage,) = [d for f in metrics for d in f.data if isinstance(d, LLMUsageMetricsData)]
     assert usage.value.output_audio_tokens == 8 and usage.value.prompt_tokens > 0
 
@@ -126,8 +125,12 @@ async def test_a_tool_call_written_by_the_model_runs_and_speech_resumes(engine):
     assert said == shown == "Let me check.It is sunny there."
     usage = [d.value for f in agent.pushed(MetricsFrame) for d in f.data if isinstance(d, LLMUsageMetricsData)]
     assert [u.output_audio_tokens for u in usage] == [5, 5]  # none of the 10 patches written with the call
-    assert [(t.role, t.text) for t in history] == [("user", ""), ("assistant", "Let me check."),
-                                                    ("tool", "Sunny in Zanzibar"), ("assistant", "It is sunny there.")]
+    assert [(t.role, t.text) for t in history] == [
+        ("user", ""),
+        ("assistant", "Let me check."),
+        ("tool", "Sunny in Zanzibar"),
+        ("assistant", "It is sunny there."),
+    ]
 
 
 async def test_barge_in_rolls_the_real_session_back_to_what_was_played(engine):
@@ -160,8 +163,7 @@ async def test_barge_in_rolls_the_real_session_back_to_what_was_played(engine):
 async def test_thinking_is_logged_and_shown_but_never_spoken(engine):
     thought = engine.builder.encode("The secret word is zebra.\n</think>")
     async with Agent(engine=engine, overrides=["agent.mode=thinking"], speed=4.0) as agent:
-        agent.session.text_hook = Script(speech(engine, "Let me think.", 5),
-                                             thought + speech(engine, "Here it is.", 5))
+        agent.session.text_hook = Script(speech(engine, "Let me think.", 5), thought + speech(engine, "Here it is.", 5))
         await agent.user_says()
         await agent.responses_done(2)
         await agent.played_out(2)
@@ -213,8 +215,9 @@ async def test_create_worker_with_the_real_engine_answers_and_takes_barge_in(eng
         return len(harness.log.frames(transport.output(), BotStoppedSpeakingFrame, FrameDirection.UPSTREAM))
 
     async with harness:
-        service.session.text_hook = Script(speech(engine, "Hi.", 4), speech(engine, "one two three four", 30),
-                                               speech(engine, "Okay.", 4))
+        service.session.text_hook = Script(
+            speech(engine, "Hi.", 4), speech(engine, "one two three four", 30), speech(engine, "Okay.", 4)
+        )
         await caller(0.3, "Hello", 0.8)
         await wait_until(lambda: played_answers() == 1, what="the first answer")
         await caller(0.3, "Tell me a story", 0.8)
@@ -223,7 +226,12 @@ async def test_create_worker_with_the_real_engine_answers_and_takes_barge_in(eng
         await wait_until(lambda: answers() == 3, what="the answer to the barge-in")
         history = list(service.session.history)
     assert [(t.role, t.interrupted) for t in history] == [
-        ("user", False), ("assistant", False), ("user", False), ("assistant", True), ("user", False),
-        ("assistant", False)]
+        ("user", False),
+        ("assistant", False),
+        ("user", False),
+        ("assistant", True),
+        ("user", False),
+        ("assistant", False),
+    ]
     assert history[1].text == "Hi." and history[5].text == "Okay."
     assert "one two three four".startswith(history[3].text)

@@ -7,6 +7,12 @@ import asyncio
 import numpy as np
 from agent_harness import FakeEngine, FakeTransport, Harness, ScriptedSession, input_frames, spoken, wait_until
 from fixtures.speech import spoken as say
+from mimo_voice.agent.pipeline import create_worker
+from mimo_voice.agent.service import MiMoAudioService
+from mimo_voice.agent.vad import create_vad_analyzer
+from mimo_voice.configs import load_config
+from mimo_voice.streaming.engine.events import SAMPLES_PER_PATCH
+from mimo_voice.tools import build_registry
 from pipecat.frames.frames import (
     BotStartedSpeakingFrame,
     BotStoppedSpeakingFrame,
@@ -20,13 +26,6 @@ from pipecat.metrics.metrics import TTFBMetricsData
 from pipecat.pipeline.worker import PipelineWorker
 from pipecat.processors.frame_processor import FrameDirection
 
-from mimo_voice.agent.pipeline import create_worker
-from mimo_voice.agent.service import MiMoAudioService
-from mimo_voice.configs import load_config
-from mimo_voice.streaming.events import SAMPLES_PER_PATCH
-from mimo_voice.tools import build_registry
-from mimo_voice.transports.vad import create_vad_analyzer
-
 
 class Call:
     """One connection through create_worker with a scripted session; the caller speaks through the input."""
@@ -36,8 +35,11 @@ class Call:
         self.session = ScriptedSession(answers)
         self.transport = FakeTransport()
         self.worker, self.service = create_worker(
-            self.transport, self.config, FakeEngine(self.session),
-            vad_analyzer=create_vad_analyzer(self.config.vad), tools=tools,
+            self.transport,
+            self.config,
+            FakeEngine(self.session),
+            vad_analyzer=create_vad_analyzer(self.config.vad),
+            tools=tools,
         )
         self.harness = Harness(worker=self.worker)
 
@@ -67,8 +69,9 @@ async def test_create_worker_wires_the_contract():
     config = load_config(None)
     tools = build_registry(config.tools, timeout_secs=config.agent.tool_timeout_secs)
     transport = FakeTransport()
-    worker, service = create_worker(transport, config, FakeEngine(ScriptedSession([])),
-                                    vad_analyzer=create_vad_analyzer(config.vad), tools=tools)
+    worker, service = create_worker(
+        transport, config, FakeEngine(ScriptedSession([])), vad_analyzer=create_vad_analyzer(config.vad), tools=tools
+    )
     assert isinstance(worker, PipelineWorker) and isinstance(service, MiMoAudioService)
     params = worker.params
     assert (params.audio_in_sample_rate, params.audio_out_sample_rate) == (16000, 24000)
@@ -83,12 +86,13 @@ async def test_a_spoken_question_gets_a_spoken_answer():
         await wait_until(lambda: call.pushed(LLMFullResponseEndFrame), what="the answer")
         await wait_until(lambda: len(call.transport.output().written) >= 2 * 2 * SAMPLES_PER_PATCH, what="playback")
     session = call.session
-    (_, fed, _), = session.called("respond")
+    ((_, fed, _),) = session.called("respond")
     assert fed >= 0.8 * 16000  # the phrase went in at the pipeline's 16 kHz, pre-roll included
     assert all(rate == 16000 for _, _, rate in session.called("feed_audio"))
     written = np.frombuffer(bytes(call.transport.output().written), np.int16)
-    assert np.array_equal(written[: 2 * SAMPLES_PER_PATCH], np.concatenate([np.full(SAMPLES_PER_PATCH, i + 1) for i in
-                                                                           range(2)]))
+    assert np.array_equal(
+        written[: 2 * SAMPLES_PER_PATCH], np.concatenate([np.full(SAMPLES_PER_PATCH, i + 1) for i in range(2)])
+    )
     (ttfb,) = [d for f in call.pushed(MetricsFrame) for d in f.data if isinstance(d, TTFBMetricsData)]
     assert ttfb.value >= call.config.vad.stop_secs  # back-dated to the end of speech
 

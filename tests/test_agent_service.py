@@ -7,6 +7,9 @@ import time
 import numpy as np
 import pytest
 from agent_harness import Agent, FakeEngine, ScriptedSession, input_frames, pcm_for, spoken, tone, wait_until
+from mimo_voice.agent.service import MiMoAudioService
+from mimo_voice.configs import load_config
+from mimo_voice.streaming.engine.events import SAMPLES_PER_PATCH, AudioChunk, TextToken, TurnEnd
 from pipecat.frames.frames import (
     ErrorFrame,
     InputAudioRawFrame,
@@ -34,11 +37,6 @@ from pipecat.processors.frame_processor import FrameDirection
 from pipecat.processors.frameworks.rtvi.frames import RTVIClientMessageFrame, RTVIServerResponseFrame
 from pipecat.tests.utils import SleepFrame, run_test
 
-from mimo_voice.agent.service import MiMoAudioService
-from mimo_voice.configs import load_config
-
-from mimo_voice.streaming.events import SAMPLES_PER_PATCH, AudioChunk, TextToken, TurnEnd
-
 
 def _metrics(frames, kind):
     return [d for f in frames if isinstance(f, MetricsFrame) for d in f.data if isinstance(d, kind)]
@@ -58,11 +56,17 @@ async def test_turn_streams_user_audio_then_answers_with_bracketed_audio_and_met
     assert session.calls.index(feeds[-1]) < session.calls.index(session.called("respond")[0])
     assert session.called("respond")[0][1] == sum(n for _, n, _ in feeds)
 
-    frames = agent.pushed((LLMFullResponseStartFrame, TTSStartedFrame, TTSAudioRawFrame, TTSStoppedFrame,
-                           LLMFullResponseEndFrame))
+    frames = agent.pushed(
+        (LLMFullResponseStartFrame, TTSStartedFrame, TTSAudioRawFrame, TTSStoppedFrame, LLMFullResponseEndFrame)
+    )
     kinds = [type(f) for f in frames]
-    assert kinds == [LLMFullResponseStartFrame, TTSStartedFrame, *[TTSAudioRawFrame] * 3, TTSStoppedFrame,
-                     LLMFullResponseEndFrame]
+    assert kinds == [
+        LLMFullResponseStartFrame,
+        TTSStartedFrame,
+        *[TTSAudioRawFrame] * 3,
+        TTSStoppedFrame,
+        LLMFullResponseEndFrame,
+    ]
     audio = [f for f in frames if isinstance(f, TTSAudioRawFrame)]
     assert all(f.sample_rate == 24000 and f.num_channels == 1 for f in audio)
     assert b"".join(f.audio for f in audio) == b"".join(pcm_for(i).tobytes() for i in range(3))
@@ -90,11 +94,16 @@ async def test_spoken_text_follows_the_audio_that_carries_it():
         await agent.user_says()
         await agent.responses_done()
     frames = agent.pushed((TTSAudioRawFrame, TTSTextFrame, LLMTextFrame))
-    order = [(type(f).__name__, getattr(f, "text", None)) for f in frames if not isinstance(f, TTSTextFrame)
-             or True]
+    order = [(type(f).__name__, getattr(f, "text", None)) for f in frames if not isinstance(f, TTSTextFrame) or True]
     # LLMTextFrame (display, not for the context) as soon as generated; TTSTextFrame after its audio chunk.
-    assert order == [("LLMTextFrame", "one"), ("TTSAudioRawFrame", None), ("TTSTextFrame", "one"),
-                     ("LLMTextFrame", " two"), ("TTSAudioRawFrame", None), ("TTSTextFrame", " two")]
+    assert order == [
+        ("LLMTextFrame", "one"),
+        ("TTSAudioRawFrame", None),
+        ("TTSTextFrame", "one"),
+        ("LLMTextFrame", " two"),
+        ("TTSAudioRawFrame", None),
+        ("TTSTextFrame", " two"),
+    ]
     assert all(not f.append_to_context for f in frames if type(f) is LLMTextFrame)
 
 
@@ -146,8 +155,9 @@ async def test_mode_switches_by_method_rtvi_message_and_app_message():
         await wait_until(lambda: agent.session.mode == "thinking", what="app-message mode switch")
         bad = RTVIClientMessageFrame(msg_id="2", type="set-mode", data={"mode": "dreaming"})
         await agent.harness.send(bad)
-        await wait_until(lambda: len(agent.pushed(RTVIServerResponseFrame, FrameDirection.UPSTREAM)) == 2,
-                         what="RTVI replies")
+        await wait_until(
+            lambda: len(agent.pushed(RTVIServerResponseFrame, FrameDirection.UPSTREAM)) == 2, what="RTVI replies"
+        )
         await agent.user_says()
         await agent.responses_done()
     ok, error = agent.pushed(RTVIServerResponseFrame, FrameDirection.UPSTREAM)
@@ -168,7 +178,7 @@ async def test_barge_in_stops_generation_and_rolls_back_to_what_was_played():
         pushed_audio = len(agent.pushed(TTSAudioRawFrame))
         await wait_until(lambda: agent.stopped_turns, what="the assistant turn to close")
         written = len(agent.output.written) // 2
-    (_, played), = agent.session.called("cancel")
+    ((_, played),) = agent.session.called("cancel")
     total = 20 * SAMPLES_PER_PATCH
     assert 5 * SAMPLES_PER_PATCH <= played <= written < total
     assert written - played <= 2 * 960  # at most a chunk or two was in flight at the interruption
@@ -191,7 +201,7 @@ async def test_barge_in_after_generation_finished_still_rolls_back_the_unplayed_
         await wait_until(lambda: len(agent.output.written) >= 2 * SAMPLES_PER_PATCH * 2, what="some playback")
         await agent.harness.send(UserStartedSpeakingFrame(), InterruptionFrame())
         await wait_until(lambda: agent.session.called("cancel"), what="cancel")
-    (_, played), = agent.session.called("cancel")
+    ((_, played),) = agent.session.called("cancel")
     assert 2 * SAMPLES_PER_PATCH <= played < 10 * SAMPLES_PER_PATCH
 
 
@@ -206,13 +216,19 @@ async def test_interruption_after_the_answer_was_heard_rolls_nothing_back():
 
 async def test_run_frame_with_appended_messages_injects_them_and_answers():
     async with Agent([spoken(["Welcome"])]) as agent:
-        await agent.harness.send(LLMMessagesAppendFrame([{"role": "system", "content": "Greet the caller."},
-                                                         {"role": "user", "content": "Hi!"}], run_llm=True))
+        await agent.harness.send(
+            LLMMessagesAppendFrame(
+                [{"role": "system", "content": "Greet the caller."}, {"role": "user", "content": "Hi!"}], run_llm=True
+            )
+        )
         await agent.responses_done()
     assert agent.session.called("add_text") == [
-        ("add_text", "system", "Greet the caller."), ("add_text", "user", "Hi!")]
+        ("add_text", "system", "Greet the caller."),
+        ("add_text", "user", "Hi!"),
+    ]
     assert agent.session.calls.index(("add_text", "user", "Hi!")) < agent.session.calls.index(
-        agent.session.called("respond")[0])
+        agent.session.called("respond")[0]
+    )
 
 
 async def test_engine_failure_is_reported_and_the_conversation_goes_on():
@@ -262,8 +278,12 @@ async def test_thinking_mode_acknowledges_first_then_thinks_and_answers():
     assert [role for _, role, _ in notes] == ["system", "system"]
     assert "acknowledgement" in notes[0][2] and "think" in notes[1][2]
     calls = session.calls
-    assert calls.index(notes[0]) < calls.index(session.called("respond")[0]) < calls.index(notes[1]) < calls.index(
-        session.called("respond")[1])
+    assert (
+        calls.index(notes[0])
+        < calls.index(session.called("respond")[0])
+        < calls.index(notes[1])
+        < calls.index(session.called("respond")[1])
+    )
     assert "".join(f.text for f in agent.pushed(TTSTextFrame)) == "Let me think.Forty-two"
     assert "".join(f.text for f in agent.pushed(LLMThoughtTextFrame)) == "Six times seven"
     assert session.mode == "thinking"
@@ -282,8 +302,9 @@ async def test_a_long_acknowledgement_is_cut():
 
 
 async def test_acknowledgement_can_be_turned_off():
-    async with Agent([spoken(["ok"], thinking=["hmm"])],
-                     overrides=["agent.mode=thinking", "agent.thinking_acknowledgement=false"]) as agent:
+    async with Agent(
+        [spoken(["ok"], thinking=["hmm"])], overrides=["agent.mode=thinking", "agent.thinking_acknowledgement=false"]
+    ) as agent:
         await agent.user_says()
         await agent.responses_done()
     assert [c[2] for c in agent.session.called("respond")] == ["thinking"]
@@ -313,16 +334,28 @@ async def test_frame_sequence_of_a_turn_with_pipecat_run_test():
     session = ScriptedSession([spoken(["Hi", "!"])])
     service = MiMoAudioService(engine=FakeEngine(session), config=config)
     audio = input_frames(tone(0.1))
-    down, up = await run_test(
+    _down, up = await run_test(
         service,
         frames_to_send=[UserStartedSpeakingFrame(), *audio, UserStoppedSpeakingFrame(), SleepFrame(0.5)],
         expected_down_frames=[
-            LLMServiceMetadataFrame, MetricsFrame,  # realtime-service announcement, the worker's empty metrics
-            UserStartedSpeakingFrame, *[InputAudioRawFrame] * len(audio), UserStoppedSpeakingFrame,
-            LLMFullResponseStartFrame, TTSStartedFrame,
-            LLMTextFrame, MetricsFrame, TTSAudioRawFrame, TTSTextFrame,  # TTFB on the first audio
-            LLMTextFrame, TTSAudioRawFrame, TTSTextFrame,
-            MetricsFrame, TTSStoppedFrame, LLMFullResponseEndFrame, MetricsFrame,  # processing, then usage
+            LLMServiceMetadataFrame,
+            MetricsFrame,  # realtime-service announcement, the worker's empty metrics
+            UserStartedSpeakingFrame,
+            *[InputAudioRawFrame] * len(audio),
+            UserStoppedSpeakingFrame,
+            LLMFullResponseStartFrame,
+            TTSStartedFrame,
+            LLMTextFrame,
+            MetricsFrame,
+            TTSAudioRawFrame,
+            TTSTextFrame,  # TTFB on the first audio
+            LLMTextFrame,
+            TTSAudioRawFrame,
+            TTSTextFrame,
+            MetricsFrame,
+            TTSStoppedFrame,
+            LLMFullResponseEndFrame,
+            MetricsFrame,  # processing, then usage
         ],
         pipeline_params=PipelineParams(enable_metrics=True, enable_usage_metrics=True),
     )

@@ -7,6 +7,8 @@ import json
 
 from agent_harness import Agent, spoken, tool_call, wait_until
 from langchain_core.tools import tool
+from mimo_voice.configs import load_config
+from mimo_voice.tools import ToolRegistry, build_registry
 from pipecat.frames.frames import (
     FunctionCallInProgressFrame,
     FunctionCallResultFrame,
@@ -14,9 +16,6 @@ from pipecat.frames.frames import (
     TTSTextFrame,
 )
 from pipecat.services.llm_service import FunctionCallParams
-
-from mimo_voice.configs import load_config
-from mimo_voice.tools import ToolRegistry, build_registry
 
 calls: list[dict] = []
 
@@ -93,11 +92,12 @@ async def test_tools_are_listed_in_the_system_prompt():
 
 async def test_langchain_tool_runs_once_and_speech_resumes_with_its_result():
     raw = '{"name": "weather", "arguments": {"city": "Paris"}}'
-    agent = await converse([tool_call(raw, ack=["Let", " me", " check", "."]), spoken(["It", " is", " sunny"])],
-                           responses=2)
+    agent = await converse(
+        [tool_call(raw, ack=["Let", " me", " check", "."]), spoken(["It", " is", " sunny"])], responses=2
+    )
     assert calls == [{"tool": "weather", "city": "Paris"}]
     session = agent.session
-    (_, role, result), = session.called("add_text")
+    ((_, role, result),) = session.called("add_text")
     assert role == "tool" and result == "Sunny in Paris, 21 degrees"
     first, second = session.called("respond")
     assert session.calls.index(first) < session.calls.index(("add_text", role, result)) < session.calls.index(second)
@@ -116,14 +116,14 @@ async def test_pipecat_direct_function_works_as_a_tool():
     raw = '{"name": "book_table", "arguments": {"people": 4, "time": "19:30"}}'
     agent = await converse([tool_call(raw), spoken(["Booked"])], responses=2)
     assert calls == [{"tool": "book_table", "people": 4, "time": "19:30"}]
-    (_, _, result), = agent.session.called("add_text")
+    ((_, _, result),) = agent.session.called("add_text")
     assert json.loads(result) == {"booked": True, "people": 4, "time": "19:30"}
     assert spoken_text(agent) == "Booked"
 
 
 async def _bad_call(raw: str) -> tuple[Agent, dict]:
     agent = await converse([tool_call(raw), spoken(["Sorry", ",", " I", " could", " not"])], responses=2)
-    (_, role, text), = agent.session.called("add_text")
+    ((_, role, text),) = agent.session.called("add_text")
     assert role == "tool"
     assert spoken_text(agent) == "Sorry, I could not"
     return agent, json.loads(text)
@@ -142,19 +142,19 @@ async def test_unknown_tool_is_answered_with_the_error():
 
 
 async def test_raising_tool_tells_the_model_what_went_wrong():
-    agent, result = await _bad_call('{"name": "flaky", "arguments": {}}')
+    _agent, result = await _bad_call('{"name": "flaky", "arguments": {}}')
     assert calls == [{"tool": "flaky"}]
     assert "database is down" in result["error"]
 
 
 async def test_tool_timeout_tells_the_model():
-    agent, result = await _bad_call('{"name": "slow", "arguments": {}}')
+    _agent, result = await _bad_call('{"name": "slow", "arguments": {}}')
     assert calls == [{"tool": "slow"}]
     assert "did not answer within 0.3 seconds" in result["error"]
 
 
 async def test_bad_arguments_reach_the_model_as_an_error():
-    agent, result = await _bad_call('{"name": "weather", "arguments": {"town": "Paris"}}')
+    _agent, result = await _bad_call('{"name": "weather", "arguments": {"town": "Paris"}}')
     assert not calls
     assert "missing argument 'city'" in result["error"]
 
@@ -172,8 +172,9 @@ async def test_a_model_that_keeps_calling_tools_is_stopped():
 
 async def test_end_call_ends_the_pipeline_after_the_goodbye():
     tools = build_registry(load_config(None).tools, timeout_secs=10.0)
-    agent = Agent([tool_call('{"name": "end_call", "arguments": {"reason": "bye"}}'), spoken(["Goodbye", "!"])],
-                  tools=tools)
+    agent = Agent(
+        [tool_call('{"name": "end_call", "arguments": {"reason": "bye"}}'), spoken(["Goodbye", "!"])], tools=tools
+    )
     async with agent:
         await agent.user_says()
         await wait_until(lambda: agent.harness.finished, what="the pipeline to end by itself")

@@ -5,6 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from agent_harness import FRAME_SECS, EnergyVAD, Harness, input_frames, silence, tone, wait_until
+from mimo_voice.agent.pipeline import user_turn_strategies
+from mimo_voice.agent.turns import BargeInGuardUserTurnStartStrategy, VoicedSpeechProbe
+from mimo_voice.configs import load_config
 from pipecat.frames.frames import (
     BotStartedSpeakingFrame,
     BotStoppedSpeakingFrame,
@@ -17,10 +20,6 @@ from pipecat.frames.frames import (
 from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.processors.aggregators.llm_response_universal import LLMUserAggregator, LLMUserAggregatorParams
 
-from mimo_voice.agent.pipeline import user_turn_strategies
-from mimo_voice.agent.turns import BargeInGuardUserTurnStartStrategy, VoicedSpeechProbe
-from mimo_voice.configs import load_config
-
 
 class UserSide:
     """A user aggregator with the agent's VAD probe and turn strategies, fed synthetic audio."""
@@ -28,8 +27,9 @@ class UserSide:
     def __init__(self, *, vad_start_secs: float = 0.1, vad_stop_secs: float = 0.5, overrides=()) -> None:
         self.config = load_config(None, list(overrides))
         self.probe = VoicedSpeechProbe(EnergyVAD(start_secs=vad_start_secs, stop_secs=vad_stop_secs))
-        params = LLMUserAggregatorParams(vad_analyzer=self.probe,
-                                         user_turn_strategies=user_turn_strategies(self.config, self.probe))
+        params = LLMUserAggregatorParams(
+            vad_analyzer=self.probe, user_turn_strategies=user_turn_strategies(self.config, self.probe)
+        )
         self.harness = Harness([LLMUserAggregator(LLMContext(), params=params)])
 
     async def __aenter__(self) -> UserSide:

@@ -1,11 +1,15 @@
 import numpy as np
 import pytest
 import torch
-from transformers.audio_utils import mel_filter_bank, spectrogram, window_function
-
-from mimo_voice.streaming.audio import (
-    Resampler, float_to_pcm16, log_mel, mel_filterbank, pcm16_to_float, resample,
+from mimo_voice.streaming.model.audio import (
+    Resampler,
+    float_to_pcm16,
+    log_mel,
+    mel_filterbank,
+    pcm16_to_float,
+    resample,
 )
+from transformers.audio_utils import mel_filter_bank, spectrogram, window_function
 
 
 def _tone(freq: float, rate: int, seconds: float) -> np.ndarray:
@@ -47,7 +51,9 @@ def test_resample_rejects_bad_rates_and_stereo():
 def test_stream_resampler_matches_one_shot_resampling():
     tone = _tone(300.0, 16000, 1.0)
     stream = Resampler(16000)
-    chunks = [stream(tone[i : i + 320]) for i in range(0, tone.size, 320)] + [stream(np.zeros(0, np.float32), last=True)]
+    chunks = [stream(tone[i : i + 320]) for i in range(0, tone.size, 320)] + [
+        stream(np.zeros(0, np.float32), last=True)
+    ]
     streamed = np.concatenate(chunks)
     whole = resample(tone, 16000, 24000)
     assert abs(streamed.size - whole.size) <= 1
@@ -69,8 +75,17 @@ def test_log_mel_shape_and_values_match_transformers_spectrogram(num_samples):
     assert ours.shape == (128, num_samples // 240 + 1) and ours.dtype == torch.float32
     filters = mel_filter_bank(481, 128, 0.0, 12000.0, 24000, norm=None, mel_scale="htk")
     reference = spectrogram(
-        wav, window_function(960, "hann"), 960, 240, power=1.0, center=True, pad_mode="reflect",
-        mel_filters=filters, mel_floor=1e-7, log_mel="log", dtype=np.float64,
+        wav,
+        window_function(960, "hann"),
+        960,
+        240,
+        power=1.0,
+        center=True,
+        pad_mode="reflect",
+        mel_filters=filters,
+        mel_floor=1e-7,
+        log_mel="log",
+        dtype=np.float64,
     )
     np.testing.assert_allclose(ours.numpy(), reference, atol=1e-4)
 

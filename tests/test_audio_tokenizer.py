@@ -6,19 +6,23 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
-
-from mimo_voice.streaming.checkpoint import CheckpointError
-from mimo_voice.streaming.configuration_audio_tokenizer import AudioTokenizerConfig
-from mimo_voice.streaming.modeling_audio_tokenizer import (
-    EMA_BUFFERS, AttentionMask, MiMoAudioTokenizer, ResidualVectorQuantizer, attend, code_frames,
-    load_audio_tokenizer, write_tiny_tokenizer,
+from mimo_voice.streaming.model.checkpoint import CheckpointError
+from mimo_voice.streaming.model.configuration_audio_tokenizer import AudioTokenizerConfig
+from mimo_voice.streaming.model.modeling_audio_tokenizer import (
+    EMA_BUFFERS,
+    AttentionMask,
+    MiMoAudioTokenizer,
+    ResidualVectorQuantizer,
+    attend,
+    code_frames,
+    load_audio_tokenizer,
+    write_tiny_tokenizer,
 )
+from safetensors.torch import load_file, save_file
 
 OFFICIAL_KEYS = Path(__file__).parent / "data" / "keys_tokenizer.txt"
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
-
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +46,12 @@ def _official_key_shapes() -> dict[str, list[int]]:
 # -- configuration ----------------------------------------------------------------------------------------
 def test_official_config_values_and_round_trip():
     config = AudioTokenizerConfig.official()
-    assert (config.d_model, config.encoder_layers, config.decoder_layers, config.vocoder_num_layers) == (1280, 32, 32, 16)
+    assert (config.d_model, config.encoder_layers, config.decoder_layers, config.vocoder_num_layers) == (
+        1280,
+        32,
+        32,
+        16,
+    )
     assert config.codebook_sizes == [1024, 1024] + [128] * 18 and config.samples_per_frame == 960
     assert config.vocoder_attn_window_size == [40, 10]
     assert AudioTokenizerConfig.from_dict(config.to_dict()) == config
@@ -235,7 +244,9 @@ def test_attention_masks_follow_their_definition(causal, window):
             allowed &= j >= i - window[0]
         if window[1] >= 0:
             allowed &= j <= i + window[1]
-        expected = _reference_attention(q[row : row + 1, :length], k[row : row + 1, :length], v[row : row + 1, :length], allowed[None])
+        expected = _reference_attention(
+            q[row : row + 1, :length], k[row : row + 1, :length], v[row : row + 1, :length], allowed[None]
+        )
         torch.testing.assert_close(out[row : row + 1, :length], expected, atol=1e-5, rtol=1e-5)
     assert torch.isfinite(out).all()  # padded queries too
 
@@ -254,7 +265,8 @@ def test_flash_attention_path_matches_sdpa():
     ):
         flash = attend(q, k, v, mask)
         sdpa = F.scaled_dot_product_attention(
-            *(t.transpose(1, 2) for t in (q, k, v)), attn_mask=mask.dense if mask.needs_dense else None,
+            *(t.transpose(1, 2) for t in (q, k, v)),
+            attn_mask=mask.dense if mask.needs_dense else None,
             is_causal=mask.causal and not mask.needs_dense,
         ).transpose(1, 2)
         valid = slice(None) if mask.lengths is None else slice(0, 31)

@@ -8,14 +8,16 @@ import textwrap
 import numpy as np
 import pytest
 from fastapi import FastAPI
-
-from mimo_voice.transports.bench_caller import Caller
-from mimo_voice.transports.bench_live import serve_in_thread
-from mimo_voice.transports.bench_metrics import Segment, speech_segments
-from mimo_voice.transports.bench_scenario import (
-    FixtureFactory, ScenarioError, load_scenario, packaged_scenarios,
+from mimo_voice.transports.bench.caller import Caller
+from mimo_voice.transports.bench.live import serve_in_thread
+from mimo_voice.transports.bench.metrics import Segment, speech_segments
+from mimo_voice.transports.bench.scenario import (
+    FixtureFactory,
+    ScenarioError,
+    load_scenario,
+    packaged_scenarios,
 )
-from mimo_voice.transports.bench_server import parse_prometheus, server_figures
+from mimo_voice.transports.bench.server_stats import parse_prometheus, server_figures
 
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
 
@@ -39,19 +41,22 @@ def test_packaged_scenarios_load_and_include_the_ci_smoke():
     assert {step.kind for step in smoke.steps} == {"turn", "pause", "backchannel", "noise", "barge_in"}
 
 
-@pytest.mark.parametrize(("body", "message"), [
-    ("name: x\nsteps: []\n", "steps"),
-    ("name: x\nsteps: [{kind: turn}]\n", "exactly one of say, wav, noise_secs"),
-    ("name: x\nsteps: [{kind: turn, say: hi, noise_secs: 1}]\n", "exactly one of"),
-    ("name: x\nsteps: [{kind: pause, say: hi}]\n", "at least two parts"),
-    ("name: x\nsteps: [{kind: turn, say: [a, b]}]\n", "only a pause"),
-    ("name: x\nsteps: [{kind: shout, say: hi}]\n", "steps.0.kind"),
-    ("name: x\nsteps: [{kind: turn, say: hi, after: never}]\n", "steps.0.after"),
-    ("name: x\nspeed: 3\nsteps: [{kind: turn, say: hi}]\n", "speed"),
-    ("name: x\ndetector: {speech_dbfs: -80}\nsteps: [{kind: turn, say: hi}]\n", "silence_dbfs must be below"),
-    ("- just a list\n", "top level must be a mapping"),
-    ("name: [unclosed\n", "cannot read"),
-])
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("name: x\nsteps: []\n", "steps"),
+        ("name: x\nsteps: [{kind: turn}]\n", "exactly one of say, wav, noise_secs"),
+        ("name: x\nsteps: [{kind: turn, say: hi, noise_secs: 1}]\n", "exactly one of"),
+        ("name: x\nsteps: [{kind: pause, say: hi}]\n", "at least two parts"),
+        ("name: x\nsteps: [{kind: turn, say: [a, b]}]\n", "only a pause"),
+        ("name: x\nsteps: [{kind: shout, say: hi}]\n", "steps.0.kind"),
+        ("name: x\nsteps: [{kind: turn, say: hi, after: never}]\n", "steps.0.after"),
+        ("name: x\nspeed: 3\nsteps: [{kind: turn, say: hi}]\n", "speed"),
+        ("name: x\ndetector: {speech_dbfs: -80}\nsteps: [{kind: turn, say: hi}]\n", "silence_dbfs must be below"),
+        ("- just a list\n", "top level must be a mapping"),
+        ("name: [unclosed\n", "cannot read"),
+    ],
+)
 def test_bad_scenarios_are_refused_with_the_file_and_field(tmp_path, body, message):
     path = write_scenario(tmp_path, body)
     with pytest.raises(ScenarioError, match=message) as error:
@@ -66,14 +71,17 @@ def test_unknown_scenario_names_the_packaged_ones():
 
 @needs_espeak
 def test_fixtures_have_known_speech_extents_and_exact_pauses(tmp_path):
-    path = write_scenario(tmp_path, """
+    path = write_scenario(
+        tmp_path,
+        """
         name: fixtures
         repeat: 2
         steps:
           - {kind: turn, say: "Hello there.", level_dbfs: -18}
           - {kind: pause, say: ["one moment", "please"], pause_secs: 0.8}
           - {kind: noise, noise_secs: 0.3, level_dbfs: -30}
-    """)
+    """,
+    )
     scenario = load_scenario(path)
     factory = FixtureFactory(scenario)
     fixtures = factory.build_all()
@@ -116,17 +124,23 @@ mimo_voice_response_latency_seconds_count{transport="webrtc"} 2
 mimo_voice_generation_seconds_total 4.0
 mimo_voice_generated_audio_seconds_total 10.0
 """
-METRICS_AFTER = (METRICS_BEFORE.replace("} 2\n", "} 6\n").replace("} 1.0", "} 3.4") + """
+METRICS_AFTER = (
+    (
+        METRICS_BEFORE.replace("} 2\n", "} 6\n").replace("} 1.0", "} 3.4")
+        + """
 mimo_voice_stage_seconds_sum{stage="prefill"} 0.3
 mimo_voice_stage_seconds_count{stage="prefill"} 3
 mimo_voice_stage_seconds_sum{stage="vad_hangover",note="a \\"quoted\\" label"} 1.5
 mimo_voice_stage_seconds_count{stage="vad_hangover",note="a \\"quoted\\" label"} 3
-""").replace("generation_seconds_total 4.0", "generation_seconds_total 7.0").replace(
-    "generated_audio_seconds_total 10.0", "generated_audio_seconds_total 22.0")
+"""
+    )
+    .replace("generation_seconds_total 4.0", "generation_seconds_total 7.0")
+    .replace("generated_audio_seconds_total 10.0", "generated_audio_seconds_total 22.0")
+)
 
 
 def test_prometheus_text_is_parsed_with_labels():
-    samples = parse_prometheus(METRICS_AFTER + "garbage line\nbad_value{a=\"b\"} x\n")
+    samples = parse_prometheus(METRICS_AFTER + 'garbage line\nbad_value{a="b"} x\n')
     assert samples[("mimo_voice_response_latency_seconds_count", (("transport", "webrtc"),))] == 6
     assert samples[("mimo_voice_stage_seconds_sum", (("note", 'a "quoted" label'), ("stage", "vad_hangover")))] == 1.5
     assert not any(name.startswith(("garbage", "bad_value")) for name, _ in samples)
@@ -135,8 +149,10 @@ def test_prometheus_text_is_parsed_with_labels():
 def test_server_figures_use_only_what_changed_during_the_run():
     run = server_figures(parse_prometheus(METRICS_BEFORE), parse_prometheus(METRICS_AFTER))
     assert run["audio_out"] == {"mean_secs": pytest.approx(2.4 / 4), "n": 4}
-    assert run["stages"] == {"vad_hangover": {"mean_secs": pytest.approx(0.5), "n": 3},
-                             "prefill": {"mean_secs": pytest.approx(0.1), "n": 3}}
+    assert run["stages"] == {
+        "vad_hangover": {"mean_secs": pytest.approx(0.5), "n": 3},
+        "prefill": {"mean_secs": pytest.approx(0.1), "n": 3},
+    }
     assert list(run["stages"]) == ["vad_hangover", "prefill"]  # in the order of a turn
     assert run["model_first_audio"] == {"mean_secs": None, "n": 0}
     assert run["rtf"] == pytest.approx(3.0 / 12.0)
@@ -144,10 +160,13 @@ def test_server_figures_use_only_what_changed_during_the_run():
 
 
 def test_the_models_first_audio_is_read_from_the_services_ttfb():
-    after = METRICS_AFTER + """
+    after = (
+        METRICS_AFTER
+        + """
 mimo_voice_ttfb_seconds_sum{processor="MiMoAudioService#0"} 1.2
 mimo_voice_ttfb_seconds_count{processor="MiMoAudioService#0"} 3
 """
+    )
     run = server_figures(parse_prometheus(METRICS_BEFORE), parse_prometheus(after))
     assert run["model_first_audio"] == {"mean_secs": pytest.approx(0.4), "n": 3}
 
@@ -157,8 +176,8 @@ mimo_voice_ttfb_seconds_count{processor="MiMoAudioService#0"} 3
 
 def recorder_with(frames):
     """An AgentRecorder fed (RTP timestamp, arrival, level in dBFS) 20 ms frames."""
-    from mimo_voice.transports.bench_caller import RECORD_RATE, AgentRecorder, CallClock
-    from mimo_voice.transports.bench_metrics import DetectorParams
+    from mimo_voice.transports.bench.caller import RECORD_RATE, AgentRecorder, CallClock
+    from mimo_voice.transports.bench.metrics import DetectorParams
 
     recorder = AgentRecorder(CallClock(), DetectorParams())
     for timestamp, arrival, level in frames:
@@ -169,7 +188,7 @@ def recorder_with(frames):
 
 
 def test_playout_places_frames_by_timestamp_behind_the_network_delay():
-    from mimo_voice.transports.bench_caller import MIN_PLAYOUT_DELAY_SECS, RECORD_RATE
+    from mimo_voice.transports.bench.caller import MIN_PLAYOUT_DELAY_SECS, RECORD_RATE
 
     # 4 s of stream; the agent speaks from 1.0 s to 2.0 s; the network takes 50 ms, +-8 ms of jitter.
     jitter = np.random.default_rng(0).uniform(0, 0.008, 200)
@@ -181,8 +200,8 @@ def test_playout_places_frames_by_timestamp_behind_the_network_delay():
 
 
 def test_a_server_stall_is_heard_as_a_gap_that_its_catch_up_burst_cannot_fill():
-    from mimo_voice.transports.bench_caller import RECORD_RATE
-    from mimo_voice.transports.bench_metrics import DetectorParams, UserEvent, analyse_call
+    from mimo_voice.transports.bench.caller import RECORD_RATE
+    from mimo_voice.transports.bench.metrics import DetectorParams, UserEvent, analyse_call
 
     # The agent speaks from 1.0 s to 3.0 s, but frames meant for 1.6-1.9 s all arrive at 1.9 s.
     arrival = [max(k * 0.02, 1.9) if 80 <= k < 95 else k * 0.02 for k in range(250)]
@@ -221,8 +240,9 @@ def echo_app() -> FastAPI:
 
     async def run_echo(connection):
         transport = SmallWebRTCTransport(connection, TransportParams(audio_in_enabled=True, audio_out_enabled=True))
-        worker = PipelineWorker(Pipeline([transport.input(), Echo(), transport.output()]),
-                                params=PipelineParams(), enable_rtvi=False)
+        worker = PipelineWorker(
+            Pipeline([transport.input(), Echo(), transport.output()]), params=PipelineParams(), enable_rtvi=False
+        )
         runner = WorkerRunner(handle_sigint=False)
 
         @transport.event_handler("on_client_disconnected")
@@ -246,7 +266,10 @@ def echo_app() -> FastAPI:
 
 @needs_espeak
 async def test_caller_records_what_it_hears_on_the_clock_it_plays_on(tmp_path):
-    scenario = load_scenario(write_scenario(tmp_path, """
+    scenario = load_scenario(
+        write_scenario(
+            tmp_path,
+            """
         name: echo
         lead_in_secs: 0.3
         quiet_secs: 1.0
@@ -254,7 +277,9 @@ async def test_caller_records_what_it_hears_on_the_clock_it_plays_on(tmp_path):
           - {kind: turn, say: "Hello, this is a test call."}
           - {kind: pause, say: ["one", "two three"], pause_secs: 0.9, after: user_end, delay_secs: 0.6}
           - {kind: noise, noise_secs: 0.3, after: user_end, delay_secs: 0.8}
-    """))
+    """,
+        )
+    )
     fixtures = FixtureFactory(scenario).build_all()
     steps: list[str] = []
     with serve_in_thread(echo_app()) as url:
@@ -292,9 +317,8 @@ async def test_signalling_refusal_is_a_clear_caller_error(tmp_path):
 
 @needs_espeak
 async def test_a_server_that_hangs_up_mid_call_ends_the_call_with_an_error(tmp_path, monkeypatch):
+    from mimo_voice.transports.bench import caller as bench_caller
     from pipecat.transports.smallwebrtc.request_handler import SmallWebRTCRequest, SmallWebRTCRequestHandler
-
-    from mimo_voice.transports import bench_caller
 
     monkeypatch.setattr(bench_caller, "STALL_SECS", 1.0)
     app = FastAPI()
@@ -312,13 +336,18 @@ async def test_a_server_that_hangs_up_mid_call_ends_the_call_with_an_error(tmp_p
 
         return await handler.handle_web_request(SmallWebRTCRequest(sdp=body["sdp"], type=body["type"]), hang_up_soon)
 
-    scenario = load_scenario(write_scenario(tmp_path, """
+    scenario = load_scenario(
+        write_scenario(
+            tmp_path,
+            """
         name: hang-up
         lead_in_secs: 0.2
         steps:
           - {kind: noise, noise_secs: 0.3, after: user_end}
           - {kind: turn, say: "Are you still there? I am talking to you.", after: user_end, delay_secs: 2.0}
-    """))
+    """,
+        )
+    )
     with serve_in_thread(app) as url:
         result = await asyncio.wait_for(Caller(0, url, scenario, FixtureFactory(scenario).build_all()).run(), 30)
     assert result.error is not None and "stalled" in result.error
@@ -331,20 +360,38 @@ async def test_a_server_that_hangs_up_mid_call_ends_the_call_with_an_error(tmp_p
 @needs_espeak
 def test_bench_live_against_a_running_server_prints_and_writes_json_and_png(tmp_path, capsys):
     from mimo_voice.configs import load_config
-    from mimo_voice.transports.bench_live import main
+    from mimo_voice.transports.bench.live import main
 
-    scenario = write_scenario(tmp_path, """
+    scenario = write_scenario(
+        tmp_path,
+        """
         name: echo-run
         lead_in_secs: 0.2
         quiet_secs: 0.5
         steps:
           - {kind: turn, say: "Hello, how are you doing today?"}
           - {kind: barge_in, say: "Wait, wait.", after: user_end, delay_secs: 0.6}
-    """)
+    """,
+    )
     out = tmp_path / "out" / "live.json"
     with serve_in_thread(echo_app()) as url:
-        code = main(load_config(None, []), ["--url", url, "--scenario", scenario, "--callers", "2",
-                                            "--processes", "2", "--stagger", "0.2", "--json", str(out)])
+        code = main(
+            load_config(None, []),
+            [
+                "--url",
+                url,
+                "--scenario",
+                scenario,
+                "--callers",
+                "2",
+                "--processes",
+                "2",
+                "--stagger",
+                "0.2",
+                "--json",
+                str(out),
+            ],
+        )
     printed = capsys.readouterr()
     assert code == 0, printed.err
     assert "response latency, all turns" in printed.out and "barge-in stop time" in printed.out
@@ -361,7 +408,7 @@ def test_bench_live_against_a_running_server_prints_and_writes_json_and_png(tmp_
 
 def test_bench_live_refuses_bad_arguments_with_a_message(capsys, tmp_path):
     from mimo_voice.configs import load_config
-    from mimo_voice.transports.bench_live import main
+    from mimo_voice.transports.bench.live import main
 
     config = load_config(None, [])
     assert main(config, ["--scenario", "nope"]) == 2
@@ -379,13 +426,27 @@ def test_bench_live_refuses_bad_arguments_with_a_message(capsys, tmp_path):
 def test_ci_smoke_two_callers_through_the_real_server_on_the_tiny_model(tmp_path, capsys):
     """The CI smoke run: `mimo-voice bench live --callers 2` (packaged smoke scenario) against the real server,
     agent and tiny engine started in-process (the session limit of 1 is raised to the 2 callers)."""
-    from mimo_voice.agent.cli import main
-    from mimo_voice.transports.bench_live import STAGES_TOTAL
-    from mimo_voice.transports.bench_metrics import TURN_STAGES
+    from mimo_voice.transports.bench.live import STAGES_TOTAL
+    from mimo_voice.transports.bench.metrics import TURN_STAGES
+    from mimo_voice.transports.cli import main
 
     out = tmp_path / "smoke.json"
-    code = main(["bench", "live", "--set", "agent.max_new_groups=40", "--set", "server.max_sessions=1",
-                 "--set", "logging.level=WARNING", "--callers", "2", "--json", str(out)])
+    code = main(
+        [
+            "bench",
+            "live",
+            "--set",
+            "agent.max_new_groups=40",
+            "--set",
+            "server.max_sessions=1",
+            "--set",
+            "logging.level=WARNING",
+            "--callers",
+            "2",
+            "--json",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr()
     assert code == 0, printed.err[-3000:]
     report = json.loads(out.read_text())

@@ -4,9 +4,15 @@ import math
 
 import numpy as np
 import pytest
-
-from mimo_voice.transports.bench_metrics import (
-    DetectorParams, Segment, UserEvent, analyse_call, audible_extent, frame_levels, merge_segments, pool,
+from mimo_voice.transports.bench.metrics import (
+    DetectorParams,
+    Segment,
+    UserEvent,
+    analyse_call,
+    audible_extent,
+    frame_levels,
+    merge_segments,
+    pool,
     speech_segments,
 )
 
@@ -21,7 +27,7 @@ def track(duration, bursts, quiet=(), seed=0):
     audio = np.zeros(int(duration * RATE), np.float32)
     for spans, level in ((bursts, -20.0), (quiet, -60.0)):
         for start, end in spans:
-            a, b = int(round(start * RATE)), int(round(end * RATE))
+            a, b = round(start * RATE), round(end * RATE)
             audio[a:b] = rng.standard_normal(b - a) * 10 ** (level / 20)
     return audio
 
@@ -183,11 +189,16 @@ def test_user_speech_overlapping_a_reply_starts_a_new_one():
 
 
 def test_turn_stages_split_the_latency_at_the_servers_rtvi_events_and_add_up():
-    from mimo_voice.transports.bench_metrics import SERVER_AUDIO_START, SERVER_TURN_END
+    from mimo_voice.transports.bench.metrics import SERVER_AUDIO_START, SERVER_TURN_END
 
     # A pause: the server ends the turn in the pause and starts to answer (interrupted), then again after it.
-    server_events = [(2.7, SERVER_TURN_END), (3.3, SERVER_AUDIO_START),
-                     (5.05, SERVER_TURN_END), (5.9, SERVER_AUDIO_START), (7.0, SERVER_TURN_END)]
+    server_events = [
+        (2.7, SERVER_TURN_END),
+        (3.3, SERVER_AUDIO_START),
+        (5.05, SERVER_TURN_END),
+        (5.9, SERVER_AUDIO_START),
+        (7.0, SERVER_TURN_END),
+    ]
     pause = user("pause", (1.0, 2.0), (3.4, 4.5))
     call = analyse_call(track(10.0, [(5.97, 8.0)]), RATE, [pause], PARAMS, server_events)
     [(vad, server, transport)] = call.stages

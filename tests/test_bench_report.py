@@ -5,9 +5,13 @@ import json
 
 import numpy as np
 import pytest
-
-from mimo_voice.streaming.bench_report import (
-    ProgressBar, Table, format_cell, rate, summarize, write_json,
+from mimo_voice.streaming.bench.report import (
+    ProgressBar,
+    Table,
+    format_cell,
+    rate,
+    summarize,
+    write_json,
 )
 
 
@@ -40,7 +44,14 @@ def test_table_aligns_numbers_right_and_text_left():
 
 def test_cells_keep_a_precision_that_suits_their_size():
     assert [format_cell(v) for v in (1234.56, 123.456, 0.012345, 7, None, "x", True)] == [
-        "1235", "123.5", "0.012", "7", "-", "x", "True"]
+        "1235",
+        "123.5",
+        "0.012",
+        "7",
+        "-",
+        "x",
+        "True",
+    ]
 
 
 def test_write_json_adds_metadata_and_tables(tmp_path):

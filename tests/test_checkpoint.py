@@ -2,9 +2,8 @@ import json
 
 import pytest
 import torch
+from mimo_voice.streaming.model.checkpoint import CheckpointError, load_weights, resolve_checkpoint_dir, save_weights
 from torch import nn
-
-from mimo_voice.streaming.checkpoint import CheckpointError, load_weights, resolve_checkpoint_dir, save_weights
 
 
 def _module() -> nn.Module:

@@ -2,8 +2,7 @@ import subprocess
 import sys
 
 import yaml
-
-from mimo_voice.agent import cli
+from mimo_voice.transports import cli
 
 
 def test_config_show_prints_resolved_config(capsys):
@@ -25,19 +24,27 @@ def test_invalid_override_exits_2_with_message(capsys):
 
 
 def test_every_command_is_documented():
-    out = subprocess.run([sys.executable, "-m", "mimo_voice.agent.cli", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "mimo_voice.transports.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
     for name in ("serve", "bench", "config", "model"):
         assert name in out.stdout
-    bench = subprocess.run([sys.executable, "-m", "mimo_voice.agent.cli", "bench", "--help"],
-                           capture_output=True, text=True)
+    bench = subprocess.run(
+        [sys.executable, "-m", "mimo_voice.transports.cli", "bench", "--help"], capture_output=True, text=True
+    )
     for kind in ("engine", "codec", "live"):
         assert kind in bench.stdout
 
 
 def test_console_script_is_installed():
-    exe = subprocess.run([sys.executable, "-c", "import shutil,sys; print(shutil.which('mimo-voice', "
-                          "path=__import__('os').path.dirname(sys.executable)))"], capture_output=True, text=True)
+    exe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import shutil,sys; print(shutil.which('mimo-voice', path=__import__('os').path.dirname(sys.executable)))",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert exe.stdout.strip().endswith("mimo-voice")
 
 

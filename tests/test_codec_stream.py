@@ -1,14 +1,12 @@
 import numpy as np
 import pytest
 import torch
-
-from mimo_voice.streaming.codec_stream import IncrementalEncoder, StreamingDecoder
-from mimo_voice.streaming.modeling_audio_tokenizer import code_frames, load_audio_tokenizer
+from mimo_voice.streaming.engine.codec_stream import IncrementalEncoder, StreamingDecoder
+from mimo_voice.streaming.model.modeling_audio_tokenizer import code_frames, load_audio_tokenizer
 
 SPF = 960
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
-
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +56,9 @@ def test_each_chunk_is_the_offline_decode_of_what_was_pushed(tokenizer, codes):
         played = ready
 
 
-@pytest.mark.parametrize("left, lookahead, step, frames", [(0, 0, 4, 48), (24, 8, 4, 48), (8, 2, 3, 47), (4, 40, 1, 20)])
+@pytest.mark.parametrize(
+    "left, lookahead, step, frames", [(0, 0, 4, 48), (24, 8, 4, 48), (8, 2, 3, 47), (4, 40, 1, 20)]
+)
 def test_every_frame_is_emitted_once_in_order(tokenizer, codes, left, lookahead, step, frames):
     codes = codes[:frames]
     decoder = StreamingDecoder(tokenizer, left, lookahead)
@@ -183,11 +183,26 @@ def test_codec_bench_prints_tables_and_writes_json(tiny_tokenizer_dir, tmp_path,
     import json
 
     from mimo_voice.configs import load_config
-    from mimo_voice.streaming.codec_bench import main
+    from mimo_voice.streaming.bench.codec import main
 
-    argv = ["--", "--tokenizer", str(tiny_tokenizer_dir), "--synthetic", "--seconds", "2", "--lookaheads", "0,4",
-            "--left-contexts", "8", "--encode", "1:0.5", "--threads", str(torch.get_num_threads()),
-            "--json", str(tmp_path / "codec.json")]
+    argv = [
+        "--",
+        "--tokenizer",
+        str(tiny_tokenizer_dir),
+        "--synthetic",
+        "--seconds",
+        "2",
+        "--lookaheads",
+        "0,4",
+        "--left-contexts",
+        "8",
+        "--encode",
+        "1:0.5",
+        "--threads",
+        str(torch.get_num_threads()),
+        "--json",
+        str(tmp_path / "codec.json"),
+    ]
     assert main(load_config(None), argv) == 0
     out = capsys.readouterr().out
     assert "Streaming decode vs offline decode" in out and "Incremental encode" in out
@@ -200,7 +215,7 @@ def test_codec_bench_prints_tables_and_writes_json(tiny_tokenizer_dir, tmp_path,
 
 def test_codec_bench_bad_arguments_are_clear_errors(tiny_tokenizer_dir, capsys):
     from mimo_voice.configs import load_config
-    from mimo_voice.streaming.codec_bench import main
+    from mimo_voice.streaming.bench.codec import main
 
     assert main(load_config(None), ["--tokenizer", str(tiny_tokenizer_dir), "--lookaheads", "-1"]) == 2
     assert main(load_config(None), ["--tokenizer", "/nonexistent/folder", "--synthetic"]) == 2

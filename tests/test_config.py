@@ -1,7 +1,6 @@
 from pathlib import Path
 
 import pytest
-
 from mimo_voice.configs import CONFIG_DIR, Config, ConfigError, load_config
 
 
@@ -30,7 +29,9 @@ def test_support_config_enables_the_demo_tools():
 
 def test_partial_file_merges_over_defaults(tmp_path: Path):
     path = tmp_path / "mine.yaml"
-    path.write_text("agent:\n  mode: thinking\nsampling:\n  spoken_dialogue:\n    text: {temperature: 0.2}\n    audio: {}\n")
+    path.write_text(
+        "agent:\n  mode: thinking\nsampling:\n  spoken_dialogue:\n    text: {temperature: 0.2}\n    audio: {}\n"
+    )
     config = load_config(path)
     assert config.agent.mode == "thinking"
     assert config.agent.max_new_groups == Config().agent.max_new_groups
@@ -75,8 +76,10 @@ def test_broken_yaml_is_a_clear_error(tmp_path: Path):
 
 
 def test_overrides_set_any_field():
-    config = load_config(None, ["agent.mode=thinking", "server.port=9000", "tools.enabled=[calculator]",
-                                "sampling.tts.text.temperature=0.1"])
+    config = load_config(
+        None,
+        ["agent.mode=thinking", "server.port=9000", "tools.enabled=[calculator]", "sampling.tts.text.temperature=0.1"],
+    )
     assert config.agent.mode == "thinking"
     assert config.server.port == 9000
     assert config.tools.enabled == ["calculator"]

@@ -12,18 +12,27 @@ import wave
 import numpy as np
 import pytest
 import torch
+from mimo_voice.configs import load_config
+from mimo_voice.streaming.engine.engine import Engine, EngineClosed, read_voice_prompt
+from mimo_voice.streaming.engine.events import AudioPatch
+from mimo_voice.streaming.model.checkpoint import CheckpointError
+from mimo_voice.streaming.model.configuration_mimo_audio import MiMoAudioConfig
+from mimo_voice.streaming.model.modeling_mimo_audio import MiMoAudioForCausalLM
+from mimo_voice.streaming.presets import tiny_training
 from session_support import (
-    Script, break_feeding, collect, end_of, generating, mend_feeding, of, opened, patches_of, speech, voice,
+    Script,
+    break_feeding,
+    collect,
+    end_of,
+    generating,
+    mend_feeding,
+    of,
+    opened,
+    patches_of,
+    speech,
+    voice,
     voice_prompt_part,
 )
-
-from mimo_voice.configs import load_config
-from mimo_voice.streaming import tiny_training
-from mimo_voice.streaming.checkpoint import CheckpointError
-from mimo_voice.streaming.configuration_mimo_audio import MiMoAudioConfig
-from mimo_voice.streaming.engine import Engine, EngineClosed, read_voice_prompt
-from mimo_voice.streaming.events import AudioPatch
-from mimo_voice.streaming.modeling_mimo_audio import MiMoAudioForCausalLM
 
 
 async def test_generation_never_stalls_the_event_loop(tiny_engine):
@@ -181,7 +190,7 @@ def test_the_embedded_preset_is_built_once_across_processes_and_threads(tmp_path
 
 
 def test_the_offset_head_starts_out_looking_four_positions_back():
-    from mimo_voice.streaming.text_tokenizer import SpecialTokens
+    from mimo_voice.streaming.model.text_tokenizer import SpecialTokens
 
     special = SpecialTokens(*range(151665, 151674))
     model = MiMoAudioForCausalLM.random(MiMoAudioConfig.tiny(), special)
@@ -196,7 +205,7 @@ def test_the_offset_head_starts_out_looking_four_positions_back():
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    return torch.cat([-x[..., x.shape[-1] // 2:], x[..., : x.shape[-1] // 2]], dim=-1)
+    return torch.cat([-x[..., x.shape[-1] // 2 :], x[..., : x.shape[-1] // 2]], dim=-1)
 
 
 async def test_respond_reports_a_bad_feed_as_an_error_turn(tiny_engine):

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 
 from mimo_voice.configs import load_config
-from mimo_voice.streaming import bench
+from mimo_voice.streaming.bench import engine as bench
 
 
 def test_bench_engine_prints_a_table_and_writes_json(tmp_path, capsys):
     target = tmp_path / "engine.json"
-    code = bench.main(load_config(None), ["--runs", "2", "--turns", "2", "--patches", "4", "--user-secs", "0.5",
-                                          "--json", str(target)])
+    code = bench.main(
+        load_config(None),
+        ["--runs", "2", "--turns", "2", "--patches", "4", "--user-secs", "0.5", "--json", str(target)],
+    )
     assert code == 0
     table = capsys.readouterr().out
     assert "per audio group" in table and "first PCM, turn 2 / turn 1" in table

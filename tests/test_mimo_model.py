@@ -5,26 +5,34 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 import torch
-from safetensors.torch import load_file
-from transformers import DynamicCache
-
-from mimo_voice.agent import cli
 from mimo_voice.configs.schema import SamplerParams
-from mimo_voice.streaming.checkpoint import CheckpointError, save_weights
-from mimo_voice.streaming.configuration_mimo_audio import ConfigError, MiMoAudioConfig
-from mimo_voice.streaming.modeling_mimo_audio import (
+from mimo_voice.streaming.model.checkpoint import CheckpointError, save_weights
+from mimo_voice.streaming.model.configuration_mimo_audio import ConfigError, MiMoAudioConfig
+from mimo_voice.streaming.model.modeling_mimo_audio import (
     MiMoAudioForCausalLM,
     MiMoAudioOutput,
     load_mimo_audio,
 )
-from mimo_voice.streaming.sampling import Sampler
-from mimo_voice.streaming.text_tokenizer import SpecialTokens
+from mimo_voice.streaming.model.sampling import Sampler
+from mimo_voice.streaming.model.text_tokenizer import SpecialTokens
+from mimo_voice.transports import cli
+from safetensors.torch import load_file
+from transformers import DynamicCache
 
 KEYS_7B = Path(__file__).parent / "data" / "keys_llm_7b.txt"  # copy of /work/shared/reference/keys_llm_7b.txt
 GREEDY = Sampler(SamplerParams(do_sample=False))
 SAMPLED = Sampler(SamplerParams(temperature=0.9, top_p=0.95))
-SPECIAL = SpecialTokens(sosp=151665, eosp=151666, empty=151667, sostm=151670, eostm=151671, eot=151672,
-                        im_start=151644, im_end=151645, endoftext=151643)
+SPECIAL = SpecialTokens(
+    sosp=151665,
+    eosp=151666,
+    empty=151667,
+    sostm=151670,
+    eostm=151671,
+    eot=151672,
+    im_start=151644,
+    im_end=151645,
+    endoftext=151643,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -71,38 +79,74 @@ def test_official_7b_on_meta_has_exactly_the_reference_keys_and_shapes():
 
 def test_config_reads_the_official_field_names():
     official = {
-        "architectures": ["MiMoAudioModel"], "model_type": "qwen2", "torch_dtype": "bfloat16", "vocab_size": 151680,
-        "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 36, "num_attention_heads": 32,
-        "num_key_value_heads": 8, "rope_theta": 640000, "rope_scaling": None, "max_position_embeddings": 8192,
-        "rms_norm_eps": 1e-6, "use_sliding_window": False, "tie_word_embeddings": False, "group_size": 4,
-        "audio_channels": 8, "speech_vocab_size": "1025-1025-129-129-129-129-129-129",
-        "speech_zeroemb_idx": "1024-1024-128-128-128-128-128-128", "delay_pattern": "0-1-2-3-4-5-6-7",
-        "local_dim": 1024, "local_layers": 16, "local_attn_heads": 64, "local_ffn_dim": 4096,
-        "local_attn_dropout": 0.1, "input_local_layers": 6, "input_local_dim": 1024, "input_full_attention": True,
+        "architectures": ["MiMoAudioModel"],
+        "model_type": "qwen2",
+        "torch_dtype": "bfloat16",
+        "vocab_size": 151680,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "rope_theta": 640000,
+        "rope_scaling": None,
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-6,
+        "use_sliding_window": False,
+        "tie_word_embeddings": False,
+        "group_size": 4,
+        "audio_channels": 8,
+        "speech_vocab_size": "1025-1025-129-129-129-129-129-129",
+        "speech_zeroemb_idx": "1024-1024-128-128-128-128-128-128",
+        "delay_pattern": "0-1-2-3-4-5-6-7",
+        "local_dim": 1024,
+        "local_layers": 16,
+        "local_attn_heads": 64,
+        "local_ffn_dim": 4096,
+        "local_attn_dropout": 0.1,
+        "input_local_layers": 6,
+        "input_local_dim": 1024,
+        "input_full_attention": True,
     }
     config = MiMoAudioConfig.from_dict(official)
     assert config.speech_vocab_sizes == [1025, 1025] + [129] * 6 and config.speech_empty_ids[2] == 128
     assert config.delays == list(range(8)) and config.patch_steps == 11 and config.head_dim == 128
     assert config.extra["torch_dtype"] == "bfloat16"  # unknown Qwen2 fields are kept
     written = config.to_dict()
-    assert written["speech_vocab_size"] == official["speech_vocab_size"] and written["delay_pattern"] == "0-1-2-3-4-5-6-7"
+    assert (
+        written["speech_vocab_size"] == official["speech_vocab_size"] and written["delay_pattern"] == "0-1-2-3-4-5-6-7"
+    )
     assert MiMoAudioConfig.from_dict(written) == config
     backbone, local, encoder = config.backbone_config(), config.local_config(), config.input_local_config()
     assert backbone.rope_parameters["rope_theta"] == 640000 and backbone._attn_implementation == "sdpa"
-    assert (local.hidden_size, local.head_dim, local.num_key_value_heads, local.intermediate_size) == (1024, 16, 64, 4096)
-    assert (encoder.num_hidden_layers, encoder.intermediate_size, encoder.rope_parameters["rope_theta"]) == (6, 4096, 640000)
+    assert (local.hidden_size, local.head_dim, local.num_key_value_heads, local.intermediate_size) == (
+        1024,
+        16,
+        64,
+        4096,
+    )
+    assert (encoder.num_hidden_layers, encoder.intermediate_size, encoder.rope_parameters["rope_theta"]) == (
+        6,
+        4096,
+        640000,
+    )
     # Upstream reads a missing input_full_attention as "causal patch encoder".
-    assert not MiMoAudioConfig.from_dict({k: v for k, v in official.items() if k != "input_full_attention"}).input_full_attention
+    assert not MiMoAudioConfig.from_dict(
+        {k: v for k, v in official.items() if k != "input_full_attention"}
+    ).input_full_attention
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ({"hidden_size": None}, "lacks hidden_size"),
-    ({"speech_vocab_size": "1025-1025-129"}, "has 3 entries"),
-    ({"speech_zeroemb_idx": "1025-1024-128-128-128-128-128-128"}, "empty id 1025 is outside"),
-    ({"delay_pattern": "0-1-x"}, "not a '-'-separated list"),
-    ({"use_sliding_window": True}, "only full attention"),
-    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "only the default RoPE"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"hidden_size": None}, "lacks hidden_size"),
+        ({"speech_vocab_size": "1025-1025-129"}, "has 3 entries"),
+        ({"speech_zeroemb_idx": "1025-1024-128-128-128-128-128-128"}, "empty id 1025 is outside"),
+        ({"delay_pattern": "0-1-x"}, "not a '-'-separated list"),
+        ({"use_sliding_window": True}, "only full attention"),
+        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "only the default RoPE"),
+    ],
+)
 def test_bad_config_is_a_clear_error(change, message):
     data = MiMoAudioConfig.tiny().to_dict()
     data.update(change)
@@ -118,7 +162,10 @@ def test_tiny_checkpoint_is_in_the_official_layout_and_loads(tiny_llm_dir, tiny)
     index = json.loads((tiny_llm_dir / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and all((tiny_llm_dir / shard).is_file() for shard in shards)
-    assert json.loads((tiny_llm_dir / "config.json").read_text())["speech_vocab_size"] == "1025-1025-129-129-129-129-129-129"
+    assert (
+        json.loads((tiny_llm_dir / "config.json").read_text())["speech_vocab_size"]
+        == "1025-1025-129-129-129-129-129-129"
+    )
     assert set(index["weight_map"]) == set(tiny.state_dict())
     assert tiny.special_tokens == SPECIAL and not tiny.training
     assert tiny.lm_head.weight.dtype == torch.float32 and tiny.model.rotary_emb.inv_freq.dtype == torch.float32
@@ -135,11 +182,14 @@ def _variant(source: Path, target: Path, state: dict) -> Path:
     return target
 
 
-@pytest.mark.parametrize(("edit", "message", "info"), [
-    ("missing", r"missing key 'local_transformer_lm_heads\.3\.weight'", "MISSING: 1 key(s)"),
-    ("unexpected", r"unexpected key 'speech_embeddings\.8\.weight'", "UNEXPECTED: 1 key(s)"),
-    ("shape", r"key 'hidden_states_downcast\.weight' has shape \[32, 65\]", "WRONG SHAPE: 1 key(s)"),
-])
+@pytest.mark.parametrize(
+    ("edit", "message", "info"),
+    [
+        ("missing", r"missing key 'local_transformer_lm_heads\.3\.weight'", "MISSING: 1 key(s)"),
+        ("unexpected", r"unexpected key 'speech_embeddings\.8\.weight'", "UNEXPECTED: 1 key(s)"),
+        ("shape", r"key 'hidden_states_downcast\.weight' has shape \[32, 65\]", "WRONG SHAPE: 1 key(s)"),
+    ],
+)
 def test_a_checkpoint_that_does_not_match_names_the_key(tiny_llm_dir, tmp_path, capsys, edit, message, info):
     state = {}
     for shard in sorted(tiny_llm_dir.glob("*.safetensors")):
@@ -223,7 +273,9 @@ def test_patch_encoder_is_bidirectional_inside_a_patch(tiny):
     with torch.inference_mode():
         before, after = tiny.encode_patch_frames(frames), tiny.encode_patch_frames(changed)
     assert not torch.allclose(before[0, 0], after[0, 0])  # frame 0 sees frame 3
-    causal = MiMoAudioForCausalLM.random(MiMoAudioConfig(**{**vars(MiMoAudioConfig.tiny()), "input_full_attention": False}), SPECIAL)
+    causal = MiMoAudioForCausalLM.random(
+        MiMoAudioConfig(**{**vars(MiMoAudioConfig.tiny()), "input_full_attention": False}), SPECIAL
+    )
     with torch.inference_mode():
         before, after = causal.encode_patch_frames(frames), causal.encode_patch_frames(changed)
     assert torch.equal(before[0, :3], after[0, :3])

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from mimo_voice.streaming.prompts import (
+from mimo_voice.streaming.engine.prompts import (
     INTERRUPTED_NOTE,
     Positions,
     PromptBuilder,
@@ -13,7 +12,7 @@ from mimo_voice.streaming.prompts import (
     frames_to_patches,
     task_format,
 )
-from mimo_voice.streaming.text_tokenizer import SpecialTokens, load_text_tokenizer, write_tiny_text_tokenizer
+from mimo_voice.streaming.model.text_tokenizer import SpecialTokens, load_text_tokenizer, write_tiny_text_tokenizer
 
 EMPTY_IDS = [1024, 1024, 128, 128, 128, 128, 128, 128]
 
@@ -38,8 +37,12 @@ def text_of(builder: PromptBuilder, positions: Positions) -> str:
 
 def test_text_positions_carry_the_empty_codes_and_audio_positions_their_patch(builder):
     prompt = builder.speech(patches(2))
-    assert prompt.text_ids.tolist() == [builder.special.sosp, builder.special.empty, builder.special.empty,
-                                        builder.special.eosp]
+    assert prompt.text_ids.tolist() == [
+        builder.special.sosp,
+        builder.special.empty,
+        builder.special.empty,
+        builder.special.eosp,
+    ]
     assert (prompt.codes[0] == torch.tensor(EMPTY_IDS)).all() and (prompt.codes[3] == torch.tensor(EMPTY_IDS)).all()
     assert torch.equal(prompt.codes[1:3], patches(2))
 
@@ -55,7 +58,8 @@ def test_segments_are_tokenized_one_by_one(builder):
 def test_spoken_dialogue_first_turn_puts_the_system_prompt_inside_the_user_turn(builder):
     prompt = builder.user_speech_turn(patches(3), "Be brief.") + builder.assistant_prefix("speech", thinking=False)
     assert text_of(builder, prompt) == (
-        "<|im_start|>user\nBe brief.\n\n<|sosp|>[A][A][A]<|eosp|><|im_end|>\n<|im_start|>assistant\n<|sostm|>")
+        "<|im_start|>user\nBe brief.\n\n<|sosp|>[A][A][A]<|eosp|><|im_end|>\n<|im_start|>assistant\n<|sostm|>"
+    )
     expected = builder.text("<|im_start|>user\n", "Be brief.", "\n\n").text_ids.tolist()
     assert prompt.text_ids[: len(expected)].tolist() == expected
 
@@ -63,15 +67,19 @@ def test_spoken_dialogue_first_turn_puts_the_system_prompt_inside_the_user_turn(
 def test_later_user_turns_and_the_voice_prompt(builder):
     assert text_of(builder, builder.user_speech_turn(patches(1))) == "<|im_start|>user\n<|sosp|>[A]<|eosp|><|im_end|>\n"
     assert text_of(builder, builder.voice_prompt(patches(2))) == (
-        "<|im_start|>system\nYour voice should be:<|sosp|>[A][A]<|eosp|><|im_end|>\n")
+        "<|im_start|>system\nYour voice should be:<|sosp|>[A][A]<|eosp|><|im_end|>\n"
+    )
 
 
-@pytest.mark.parametrize(("output", "thinking", "expected"), [
-    ("speech", False, "<|im_start|>assistant\n<|sostm|>"),
-    ("speech", True, "<|im_start|>assistant\n<think>\n"),
-    ("text", False, "<|im_start|>assistant\n<think>\n\n</think>\n"),
-    ("text", True, "<|im_start|>assistant\n<think>\n"),
-])
+@pytest.mark.parametrize(
+    ("output", "thinking", "expected"),
+    [
+        ("speech", False, "<|im_start|>assistant\n<|sostm|>"),
+        ("speech", True, "<|im_start|>assistant\n<think>\n"),
+        ("text", False, "<|im_start|>assistant\n<think>\n\n</think>\n"),
+        ("text", True, "<|im_start|>assistant\n<think>\n"),
+    ],
+)
 def test_assistant_prefixes_and_the_think_switch(builder, output, thinking, expected):
     assert text_of(builder, builder.assistant_prefix(output, thinking)) == expected
 
@@ -82,8 +90,17 @@ def test_stream_interleaves_five_text_tokens_and_five_patches(builder):
     stream = builder.stream(text, patches(20))
     special = builder.special
     kinds = ["A" if t == special.empty else t for t in stream.text_ids.tolist()]
-    assert kinds == ([special.sostm] + text[:5] + ["A"] * 5 + text[5:10] + ["A"] * 5 + text[10:] + [special.eot]
-                     + ["A"] * 10 + [special.eostm])
+    assert kinds == (
+        [special.sostm]
+        + text[:5]
+        + ["A"] * 5
+        + text[5:10]
+        + ["A"] * 5
+        + text[10:]
+        + [special.eot]
+        + ["A"] * 10
+        + [special.eostm]
+    )
     assert torch.equal(stream.codes[stream.text_ids == special.empty], patches(20))
 
 
@@ -98,9 +115,11 @@ def test_stream_with_more_text_than_audio(builder):
 def test_text_turns_follow_the_chat_template(builder):
     assert text_of(builder, builder.user_text_turn("Hi", "Sys")) == "<|im_start|>user\nSys\n\nHi<|im_end|>\n"
     assert text_of(builder, builder.user_text_turn("Hi there", task="tts")) == (
-        "<|im_start|>user\nPlease convert this text to speech: Hi there<|im_end|>\n")
+        "<|im_start|>user\nPlease convert this text to speech: Hi there<|im_end|>\n"
+    )
     assert text_of(builder, builder.tool_turn('{"a": 1}')) == (
-        '<|im_start|>user\n<tool_response>\n{"a": 1}\n</tool_response><|im_end|>\n')
+        '<|im_start|>user\n<tool_response>\n{"a": 1}\n</tool_response><|im_end|>\n'
+    )
     assert text_of(builder, builder.system_turn("Note.")) == "<|im_start|>system\nNote.<|im_end|>\n"
     assert text_of(builder, builder.interrupted_note()) == f"<|im_start|>system\n{INTERRUPTED_NOTE}<|im_end|>\n"
 

@@ -1,8 +1,7 @@
 import pytest
 import torch
-
 from mimo_voice.configs.schema import SamplerParams
-from mimo_voice.streaming.sampling import Sampler
+from mimo_voice.streaming.model.sampling import Sampler
 
 
 def upstream_filter(scores: torch.Tensor, temperature: float, top_k: int | None, top_p: float) -> torch.Tensor:

@@ -4,21 +4,41 @@ from __future__ import annotations
 
 import pytest
 import torch
+from mimo_voice.streaming.engine.events import SAMPLES_PER_PATCH, AudioChunk, AudioPatch
+from mimo_voice.streaming.engine.prompts import INTERRUPTED_NOTE, Positions
 from session_support import (
-    FirstLogits, Script, attach, cache_length, cache_tensors, collect, count_fed_positions, end_of, fed_positions,
-    first_logits, of, one_prefill, opened, record, record_length, response_start, segment_kinds, speech, user_patches,
+    FirstLogits,
+    Script,
+    attach,
+    cache_length,
+    cache_tensors,
+    collect,
+    count_fed_positions,
+    end_of,
+    fed_positions,
+    first_logits,
+    of,
+    one_prefill,
+    opened,
+    record,
+    record_length,
+    response_start,
+    segment_kinds,
+    speech,
+    user_patches,
     voice,
 )
-
-from mimo_voice.streaming.events import SAMPLES_PER_PATCH, AudioChunk, AudioPatch
-from mimo_voice.streaming.prompts import INTERRUPTED_NOTE, Positions
 
 
 def generated(engine, script: list[int], events) -> Positions:
     """The positions a scripted response put into the cache: its tokens, with the events' patches in order."""
     patches = iter(of(events, AudioPatch))
-    parts = [engine.builder.audio(torch.as_tensor(next(patches).codes)[None]) if token == engine.special.empty
-             else engine.builder.tokens([token]) for token in script]
+    parts = [
+        engine.builder.audio(torch.as_tensor(next(patches).codes)[None])
+        if token == engine.special.empty
+        else engine.builder.tokens([token])
+        for token in script
+    ]
     return Positions.cat(parts)
 
 
@@ -47,9 +67,14 @@ async def test_a_second_turn_gives_the_logits_of_the_whole_conversation_in_one_p
         kept = await session.inspect(record)
         heard_user = await session.inspect(user_patches)
         # The same conversation built from the prompt formats, fed at once into a fresh cache.
-        whole = (builder.user_speech_turn(heard_user[0], "Be brief.") + builder.assistant_prefix("speech", False)
-                 + generated(engine, first[:-1], reply) + builder.assistant_close(stream_open=True)
-                 + builder.user_speech_turn(heard_user[1]) + builder.assistant_prefix("speech", False))
+        whole = (
+            builder.user_speech_turn(heard_user[0], "Be brief.")
+            + builder.assistant_prefix("speech", False)
+            + generated(engine, first[:-1], reply)
+            + builder.assistant_close(stream_open=True)
+            + builder.user_speech_turn(heard_user[1])
+            + builder.assistant_prefix("speech", False)
+        )
         one_go, _ = await session.inspect(one_prefill, whole)
     assert len(whole) == length
     assert torch.equal(kept.text_ids[:length], whole.text_ids) and torch.equal(kept.codes[:length], whole.codes)
@@ -60,7 +85,7 @@ async def test_roll_back_leaves_the_cache_of_a_session_that_only_said_the_heard_
     engine, builder = tiny_engine, tiny_engine.builder
     words = "One two three four five six seven eight nine ten eleven twelve."
     full = speech(engine, words, 15)
-    heard_part = full[:5 + 3]  # 5 text tokens, then the 3 patches heard (2.5 played -> the 3rd counts)
+    heard_part = full[: 5 + 3]  # 5 text tokens, then the 3 patches heard (2.5 played -> the 3rd counts)
     async with opened(engine) as session, opened(engine) as short:
         session.text_hook = Script(full)
         short.text_hook = Script(heard_part + [engine.special.eostm])
@@ -73,8 +98,11 @@ async def test_roll_back_leaves_the_cache_of_a_session_that_only_said_the_heard_
         assert_same_cache(rolled_back, await short.inspect(cache_tensors))  # same seed: the same 3 patches
         cut = await session.inspect(cache_length)
         user_turn = (await session.inspect(user_patches))[0]
-        expected = (builder.user_speech_turn(user_turn, engine.config.agent.system_prompt)
-                    + builder.assistant_prefix("speech", False) + generated(engine, heard_part, events))
+        expected = (
+            builder.user_speech_turn(user_turn, engine.config.agent.system_prompt)
+            + builder.assistant_prefix("speech", False)
+            + generated(engine, heard_part, events)
+        )
         _, fresh = await session.inspect(one_prefill, expected)
         assert_same_cache(rolled_back, fresh)
         turn = session.history[-1]

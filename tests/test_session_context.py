@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
+from mimo_voice.streaming.engine.context import Context, Segment
+from mimo_voice.streaming.engine.prompts import Positions
 from session_support import Script, collect, context_report, end_of, opened, record_length, speech
-
-from mimo_voice.streaming.context import Context, Segment
-from mimo_voice.streaming.prompts import Positions
 
 EMPTY = 7  # the text id of an audio position in these unit tests
 EMPTY_ROW = torch.tensor([1024, 1024, 128, 128, 128, 128, 128, 128])
@@ -40,8 +39,13 @@ def test_oldest_audio_goes_first_and_text_stays():
     context = context_of((voice, "taat"), (user1, "ttaaaat"), (bot1, "ttaattaa"), (close1, "tt"), (user2, "taaaat"))
     dropped = context.compact(target=20, protected=6)
     assert dropped == 7
-    assert layout(context) == [("voice", "taat"), ("user", "ttt"), ("assistant", "tttta"), ("closure", "tt"),
-                               ("user", "taaaat")]  # the protected tail (the turn in progress) is untouched
+    assert layout(context) == [
+        ("voice", "taat"),
+        ("user", "ttt"),
+        ("assistant", "tttta"),
+        ("closure", "tt"),
+        ("user", "taaaat"),
+    ]  # the protected tail (the turn in progress) is untouched
 
 
 def test_nothing_changes_below_the_target():
@@ -51,9 +55,15 @@ def test_nothing_changes_below_the_target():
 
 def test_when_text_alone_is_too_long_the_oldest_whole_turns_go():
     first_user = Segment("user", pinned=True)
-    context = context_of((first_user, "tat"), (Segment("assistant"), "ttttt"), (Segment("closure"), "tt"),
-                         (Segment("tool"), "tttt"), (Segment("assistant"), "tttt"), (Segment("closure"), "tt"),
-                         (Segment("user"), "taat"))
+    context = context_of(
+        (first_user, "tat"),
+        (Segment("assistant"), "ttttt"),
+        (Segment("closure"), "tt"),
+        (Segment("tool"), "tttt"),
+        (Segment("assistant"), "tttt"),
+        (Segment("closure"), "tt"),
+        (Segment("user"), "taat"),
+    )
     context.compact(target=12, protected=4)
     # The pinned turn (it carries the system prompt) stays, loses its audio; an assistant turn goes with its closure.
     assert layout(context) == [("user", "tt"), ("assistant", "tttt"), ("closure", "tt"), ("user", "taat")]

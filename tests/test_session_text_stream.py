@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from mimo_voice.streaming.events import AudioPatch, TextToken, ToolCallText
-from mimo_voice.streaming.text_stream import Detokenizer, SpokenToken, ToolCallFilter, heard_text
-from mimo_voice.streaming.text_tokenizer import load_text_tokenizer, write_tiny_text_tokenizer
+from mimo_voice.streaming.engine.events import AudioPatch, TextToken, ToolCallText
+from mimo_voice.streaming.engine.text_stream import Detokenizer, SpokenToken, ToolCallFilter, heard_text
+from mimo_voice.streaming.model.text_tokenizer import load_text_tokenizer, write_tiny_text_tokenizer
 
 
 def token(text: str) -> TextToken:
@@ -37,8 +36,9 @@ def test_plain_text_and_audio_pass_in_order():
 
 
 def test_a_call_and_everything_after_its_tag_is_withheld():
-    released, tool_filter = run(["Let", " me", None, " <", "tool", None, "_call", ">", '{"a"', None, ": 1}",
-                                 "</tool", "_call>", " bye"])
+    released, tool_filter = run(
+        ["Let", " me", None, " <", "tool", None, "_call", ">", '{"a"', None, ": 1}", "</tool", "_call>", " bye"]
+    )
     assert shown(released) == "Let me# "  # the patch written after "<" never goes out
     assert tool_filter.call == ToolCallText('{"a": 1}', time=tool_filter.call.time)
 

@@ -7,13 +7,30 @@ import json
 
 import numpy as np
 import pytest
-from session_support import (
-    Script, collect, end_of, index_of, last_tokens, of, opened, pcm, record, speech, spoken, voice,
-)
-
 from mimo_voice.configs import load_config
-from mimo_voice.streaming.engine import Engine
-from mimo_voice.streaming.events import SAMPLES_PER_PATCH, AudioChunk, AudioPatch, TextToken, ToolCallText, TurnEnd
+from mimo_voice.streaming.engine.engine import Engine
+from mimo_voice.streaming.engine.events import (
+    SAMPLES_PER_PATCH,
+    AudioChunk,
+    AudioPatch,
+    TextToken,
+    ToolCallText,
+    TurnEnd,
+)
+from session_support import (
+    Script,
+    collect,
+    end_of,
+    index_of,
+    last_tokens,
+    of,
+    opened,
+    pcm,
+    record,
+    speech,
+    spoken,
+    voice,
+)
 
 
 async def test_the_tiny_model_answers_a_spoken_turn_with_audible_babble(tiny_engine):
@@ -100,14 +117,16 @@ async def test_the_thinking_budget_closes_the_block(small_limits):
         tokens = await session.inspect(last_tokens)
     assert tokens[:6] == [word] * 6
     closing = engine.builder.encode("\n</think>\n")
-    assert tokens[6:6 + len(closing)] == closing and tokens[6 + len(closing)] == engine.special.sostm
+    assert tokens[6 : 6 + len(closing)] == closing and tokens[6 + len(closing)] == engine.special.sostm
     assert all(e.thinking for e in of(events, TextToken)[: 6 + len(closing)])
 
 
 async def test_the_mode_switches_between_turns(tiny_engine):
     async with opened(tiny_engine) as session:
-        session.text_hook = Script(speech(tiny_engine, "Hi.", 5), tiny_engine.builder.encode("Ok.\n</think>\n")
-                                   + speech(tiny_engine, "Bye.", 5))
+        session.text_hook = Script(
+            speech(tiny_engine, "Hi.", 5),
+            tiny_engine.builder.encode("Ok.\n</think>\n") + speech(tiny_engine, "Bye.", 5),
+        )
         await session.feed_audio(voice(0.5), 16_000)
         first = await collect(session.respond())
         session.set_mode("thinking")
@@ -121,8 +140,9 @@ async def test_the_mode_switches_between_turns(tiny_engine):
 
 async def test_a_tool_call_is_withheld_from_speech_and_reported(tiny_engine):
     call = '{"name": "current_time", "arguments": {}}'
-    script = (speech(tiny_engine, "Let me check.", 5, end=False)
-              + speech(tiny_engine, f"<tool_call>{call}</tool_call>", 10, end=False))
+    script = speech(tiny_engine, "Let me check.", 5, end=False) + speech(
+        tiny_engine, f"<tool_call>{call}</tool_call>", 10, end=False
+    )
     async with opened(tiny_engine) as session:
         session.text_hook = Script(script, speech(tiny_engine, "It is noon.", 5))
         await session.feed_audio(voice(0.5), 16_000)
@@ -137,8 +157,12 @@ async def test_a_tool_call_is_withheld_from_speech_and_reported(tiny_engine):
     assert len(of(events, AudioPatch)) == 5  # none of the patches written with the call
     assert "<" not in "".join(e.text for e in of(events, TextToken))
     assert spoken(after) == "It is noon." and end_of(after).reason == "stop"
-    assert history == [("user", ""), ("assistant", "Let me check."), ("tool", '{"time": "12:00"}'),
-                       ("assistant", "It is noon.")]
+    assert history == [
+        ("user", ""),
+        ("assistant", "Let me check."),
+        ("tool", '{"time": "12:00"}'),
+        ("assistant", "It is noon."),
+    ]
 
 
 async def test_text_that_only_looks_like_a_tag_is_spoken(tiny_engine):

@@ -1,16 +1,24 @@
 import json
 
 import pytest
-
-from mimo_voice.streaming.text_tokenizer import (
+from mimo_voice.streaming.model.text_tokenizer import (
     SpecialTokens,
     TokenizerError,
     load_text_tokenizer,
     write_tiny_text_tokenizer,
 )
 
-OFFICIAL_IDS = {"endoftext": 151643, "im_start": 151644, "im_end": 151645, "sosp": 151665, "eosp": 151666,
-                "empty": 151667, "sostm": 151670, "eostm": 151671, "eot": 151672}
+OFFICIAL_IDS = {
+    "endoftext": 151643,
+    "im_start": 151644,
+    "im_end": 151645,
+    "sosp": 151665,
+    "eosp": 151666,
+    "empty": 151667,
+    "sostm": 151670,
+    "eostm": 151671,
+    "eot": 151672,
+}
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +67,9 @@ def test_a_missing_special_token_is_named(tiny_folder, tmp_path):
         if name == "tokenizer.json":
             data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != "<|eot|>"]
         else:
-            data["added_tokens_decoder"] = {k: v for k, v in data["added_tokens_decoder"].items() if v["content"] != "<|eot|>"}
+            data["added_tokens_decoder"] = {
+                k: v for k, v in data["added_tokens_decoder"].items() if v["content"] != "<|eot|>"
+            }
         (tmp_path / name).write_text(json.dumps(data))
     with pytest.raises(TokenizerError, match=r"<\|eot\|>"):
         SpecialTokens.from_tokenizer(load_text_tokenizer(tmp_path))

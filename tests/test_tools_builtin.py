@@ -2,7 +2,6 @@ from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
-
 from mimo_voice.tools import END_CALL_TOOL, ToolCallError, ToolRegistry
 from mimo_voice.tools.builtin import GENERAL_TOOLS
 

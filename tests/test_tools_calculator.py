@@ -1,7 +1,6 @@
 import math
 
 import pytest
-
 from mimo_voice.tools.calculator import MAX_RESULT_BITS, CalculatorError, evaluate, format_number
 
 

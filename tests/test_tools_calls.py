@@ -2,7 +2,6 @@ import json
 import re
 
 import pytest
-
 from mimo_voice.tools.calls import (
     TOOL_CALL_CLOSE,
     TOOL_CALL_OPEN,

@@ -4,6 +4,8 @@ from dataclasses import dataclass, field
 
 import pytest
 from langchain_core.tools import BaseTool, tool
+from mimo_voice.configs import ConfigError, load_config
+from mimo_voice.tools import END_CALL_TOOL, ToolCallError, ToolRegistry, build_registry, parse_tool_call, tools_prompt
 from pipecat.adapters.llm.schemas.function_schema import FunctionSchema
 from pipecat.adapters.llm.schemas.tools_schema import ToolsSchema
 from pipecat.frames.frames import DataFrame, FunctionCallFromLLM, FunctionCallResultFrame
@@ -12,9 +14,6 @@ from pipecat.services.llm_service import FunctionCallParams, FunctionCallResultP
 from pipecat.services.settings import LLMSettings
 from pipecat.tests.utils import SleepFrame, run_test
 from pydantic import BaseModel, Field
-
-from mimo_voice.configs import ConfigError, load_config
-from mimo_voice.tools import END_CALL_TOOL, ToolCallError, ToolRegistry, build_registry, parse_tool_call, tools_prompt
 
 
 @tool(parse_docstring=True)
@@ -84,7 +83,8 @@ def test_schemas_from_a_langchain_tool_and_a_pipecat_direct_function(registry):
     assert registry.names[:3] == ["add_numbers", "get_weather", "spell_word"]
     assert schemas["add_numbers"]["description"] == "Add two integers."
     assert schemas["add_numbers"]["parameters"]["properties"]["a"] == {
-        "description": "The first number.", "type": "integer"
+        "description": "The first number.",
+        "type": "integer",
     }
     assert schemas["add_numbers"]["parameters"]["required"] == ["a"]
     assert schemas["get_weather"]["description"] == "Current weather in a city."
@@ -236,8 +236,16 @@ class ScriptedLLM(LLMService):
 
     def __init__(self):
         settings = LLMSettings(
-            model="scripted", system_instruction=None, temperature=None, max_tokens=None, top_p=None, top_k=None,
-            frequency_penalty=None, presence_penalty=None, seed=None, filter_incomplete_user_turns=False,
+            model="scripted",
+            system_instruction=None,
+            temperature=None,
+            max_tokens=None,
+            top_p=None,
+            top_k=None,
+            frequency_penalty=None,
+            presence_penalty=None,
+            seed=None,
+            filter_incomplete_user_turns=False,
             user_turn_completion_config=None,
         )
         super().__init__(settings=settings)
@@ -246,10 +254,12 @@ class ScriptedLLM(LLMService):
         await super().process_frame(frame, direction)
         if isinstance(frame, CallToolsFrame):
             context = LLMContext()
-            await self.run_function_calls([
-                FunctionCallFromLLM(function_name=name, tool_call_id=f"call-{i}", arguments=args, context=context)
-                for i, (name, args) in enumerate(frame.calls)
-            ])
+            await self.run_function_calls(
+                [
+                    FunctionCallFromLLM(function_name=name, tool_call_id=f"call-{i}", arguments=args, context=context)
+                    for i, (name, args) in enumerate(frame.calls)
+                ]
+            )
         else:
             await self.push_frame(frame, direction)
 

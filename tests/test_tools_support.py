@@ -4,7 +4,6 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
-
 from mimo_voice.configs import ConfigError
 from mimo_voice.tools import ToolCallError, ToolRegistry
 from mimo_voice.tools.support import (
@@ -55,14 +54,17 @@ def test_database_is_created_from_the_seed(db_path):
 
 @pytest.mark.parametrize("order_id", [row[0] for row in seed_rows("SELECT id FROM orders")])
 async def test_lookup_returns_every_seeded_order_as_stored(registry, order_id):
-    (customer, placed_on, status), = seed_rows(
+    ((customer, placed_on, status),) = seed_rows(
         f"SELECT c.name, o.placed_on, o.status FROM orders o JOIN customers c ON c.id = o.customer_id "
         f"WHERE o.id = '{order_id}'"
     )
     items = seed_rows(f"SELECT description, quantity, unit_price_cents FROM order_items WHERE order_id = '{order_id}'")
     order = await lookup(registry, order_id)
     assert (order["order_id"], order["customer"], order["placed_on"], order["status"]) == (
-        order_id, customer, placed_on, status
+        order_id,
+        customer,
+        placed_on,
+        status,
     )
     assert [(item["description"], item["quantity"]) for item in order["items"]] == [(d, q) for d, q, _ in items]
     assert order["total"] == f"{sum(q * cents for _, q, cents in items) / 100:.2f} EUR"
@@ -89,10 +91,12 @@ async def test_unknown_order(registry):
 
 
 async def test_create_ticket_is_stored_and_numbered_after_the_seed(registry, db_path):
-    (highest,), = seed_rows("SELECT max(id) FROM tickets")
-    first = json.loads(await registry.call(
-        "create_ticket", {"summary": "Keyboard arrived broken", "order_id": "a1002", "priority": "high"}
-    ))
+    ((highest,),) = seed_rows("SELECT max(id) FROM tickets")
+    first = json.loads(
+        await registry.call(
+            "create_ticket", {"summary": "Keyboard arrived broken", "order_id": "a1002", "priority": "high"}
+        )
+    )
     second = json.loads(await registry.call("create_ticket", {"summary": "How do I change my email?"}))
     assert first == {"ticket_id": f"T-{highest + 1}", "status": "open", "priority": "high", "order_id": "A1002"}
     assert second["ticket_id"] == f"T-{highest + 2}" and second["order_id"] is None and second["priority"] == "normal"

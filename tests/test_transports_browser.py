@@ -19,11 +19,19 @@ from transports_support import agent_app, metric, serving, tiny_engine, wait_unt
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]  # the first engine load may build the tiny model
 
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--use-fake-device-for-media-stream",
+    "--use-fake-ui-for-media-stream",
     "--allow-loopback-in-peer-connection",  # both peers on 127.0.0.1: no other network is used
-    "--autoplay-policy=no-user-gesture-required", "--remote-debugging-port=0",
+    "--autoplay-policy=no-user-gesture-required",
+    "--remote-debugging-port=0",
 ]
 
 
@@ -90,9 +98,16 @@ async def test_the_page_talks_to_the_agent_in_headless_chromium(chromium, fake_m
     profile = tmp_path / "profile"
     async with serving(app) as base_url:
         browser = subprocess.Popen(
-            [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
-             f"--use-file-for-fake-audio-capture={fake_microphone}%noloop", base_url + "/"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            [
+                chromium,
+                *CHROMIUM_FLAGS,
+                f"--user-data-dir={profile}",
+                f"--use-file-for-fake-audio-capture={fake_microphone}%noloop",
+                base_url + "/",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         try:
             page = await DevTools.attach(profile, base_url)

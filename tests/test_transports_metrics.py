@@ -1,5 +1,6 @@
 """The per-session observer: what one conversation adds to /metrics and what it tells the page."""
 
+from mimo_voice.transports.metrics import ServerMetrics, TurnMetricsObserver
 from pipecat.frames.frames import (
     BotStartedSpeakingFrame,
     BotStoppedSpeakingFrame,
@@ -16,8 +17,6 @@ from pipecat.observers.base_observer import FramePushed
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.transports.base_output import BaseOutputTransport
 from pipecat.transports.base_transport import TransportParams
-
-from mimo_voice.transports.metrics import ServerMetrics, TurnMetricsObserver
 
 
 class Clock:
@@ -71,7 +70,10 @@ async def test_a_conversation_is_counted_and_reported():
     assert len(sent) == len(by_type) == 3
     assert by_type["turn-latency"] == {"type": "turn-latency", "turn": 1, "latency_ms": 650}
     assert by_type["tool-call"] == {
-        "type": "tool-call", "id": "c1", "name": "calculator", "arguments": {"expression": "2+2"}
+        "type": "tool-call",
+        "id": "c1",
+        "name": "calculator",
+        "arguments": {"expression": "2+2"},
     }
     reported = by_type["tool-result"]
     assert (reported["id"], reported["name"], reported["result"]) == ("c1", "calculator", {"value": 4})

@@ -6,7 +6,6 @@ from types import SimpleNamespace
 import httpx
 import pytest
 from aiortc import RTCPeerConnection
-
 from mimo_voice.configs import load_config
 from mimo_voice.transports import server
 from mimo_voice.transports.metrics import Counter, Histogram, ServerMetrics

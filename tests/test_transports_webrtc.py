@@ -1,7 +1,6 @@
 """In-process WebRTC: aiortc callers through the real HTTP signalling of a uvicorn server on 127.0.0.1."""
 
 import asyncio
-import subprocess
 import sys
 from pathlib import Path
 
@@ -70,7 +69,10 @@ async def test_a_caller_that_vanishes_mid_answer_frees_its_session(tiny_engine, 
     app = agent_app(tiny_engine, "server.disconnect_timeout_secs=1.0")
     async with serving(app) as base_url:
         client = await asyncio.create_subprocess_exec(
-            sys.executable, str(Path(__file__).parent / "webrtc_client.py"), base_url, str(wav),
+            sys.executable,
+            str(Path(__file__).parent / "webrtc_client.py"),
+            base_url,
+            str(wav),
             stdout=asyncio.subprocess.PIPE,
         )
         try:

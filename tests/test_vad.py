@@ -3,10 +3,9 @@
 import numpy as np
 import pytest
 from fixtures.speech import Track, track
-from pipecat.audio.vad.vad_analyzer import VADParams, VADState
-
+from mimo_voice.agent.vad import WebrtcvadAnalyzer, create_turn_analyzer, create_vad_analyzer
 from mimo_voice.configs.schema import VADSection
-from mimo_voice.transports.vad import WebrtcvadAnalyzer, create_turn_analyzer, create_vad_analyzer
+from pipecat.audio.vad.vad_analyzer import VADParams, VADState
 
 # Multiples of 10, 20 and 30 ms, so that each frame size can express them exactly.
 START_SECS, STOP_SECS = 0.24, 0.6

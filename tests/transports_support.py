@@ -12,7 +12,6 @@ import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI
-
 from mimo_voice.configs import load_config
 from mimo_voice.transports.server import create_app
 
@@ -58,7 +57,7 @@ async def metric(base_url: str, name: str) -> float:
 @pytest.fixture(scope="module")
 def tiny_engine():
     """The real embedded tiny engine (built once into the model cache), shared by one module's tests."""
-    from mimo_voice.streaming.engine import Engine
+    from mimo_voice.streaming.engine.engine import Engine
 
     engine = Engine.load(load_config(None))
     yield engine

@@ -6,7 +6,6 @@ from datetime import datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from langchain_core.tools import BaseTool, tool
-
 from mimo_voice.configs import ConfigError
 from mimo_voice.configs.schema import ToolsSection
 

@@ -7,6 +7,7 @@ documents no tool support of its own, so this format is the one it is most likel
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import uuid
@@ -45,10 +46,8 @@ def _strip_fences(raw: str) -> str:
 def _decode_arguments(arguments: Any) -> dict[str, Any]:
     # OpenAI-style models sometimes write the arguments as a JSON-encoded string.
     if isinstance(arguments, str):
-        try:
+        with contextlib.suppress(json.JSONDecodeError):
             arguments = json.loads(arguments) if arguments.strip() else {}
-        except json.JSONDecodeError:
-            pass
     if arguments is None:
         return {}
     if not isinstance(arguments, dict):

@@ -28,9 +28,8 @@ from .builtin import enabled_tools
 from .calls import ToolCallError, unknown_tool_error
 
 if TYPE_CHECKING:
-    from pipecat.services.llm_service import LLMService
-
     from mimo_voice.configs.schema import ToolsSection
+    from pipecat.services.llm_service import LLMService
 
 DEFAULT_TIMEOUT_SECS = 10.0
 

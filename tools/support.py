@@ -14,13 +14,12 @@ import re
 import sqlite3
 import tempfile
 from collections.abc import Iterator
-from contextlib import closing, contextmanager
-from datetime import datetime, timezone
+from contextlib import closing, contextmanager, suppress
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 from langchain_core.tools import BaseTool, tool
-
 from mimo_voice.configs import ConfigError
 
 SEED_PATH = Path(__file__).resolve().parent / "data" / "support_seed.sql"
@@ -50,10 +49,8 @@ def _create_from_seed(path: Path) -> None:
     try:
         with closing(sqlite3.connect(scratch)) as conn:
             conn.executescript(SEED_PATH.read_text(encoding="utf-8"))
-        try:
+        with suppress(FileExistsError):
             os.link(scratch, path)
-        except FileExistsError:
-            pass
     finally:
         os.unlink(scratch)
 
@@ -120,8 +117,11 @@ def _order_details(conn: sqlite3.Connection, order_id: str) -> dict[str, Any]:
         "status": order["status"],
         **shipping,
         "items": [
-            {"description": item["description"], "quantity": item["quantity"],
-             "unit_price": _money(item["unit_price_cents"], order["currency"])}
+            {
+                "description": item["description"],
+                "quantity": item["quantity"],
+                "unit_price": _money(item["unit_price_cents"], order["currency"]),
+            }
             for item in items
         ],
         "total": _money(sum(item["quantity"] * item["unit_price_cents"] for item in items), order["currency"]),
@@ -137,7 +137,7 @@ def _insert_ticket(conn: sqlite3.Connection, summary: str, order_id: str | None,
         raise ValueError(f"the summary is longer than {MAX_SUMMARY_CHARS} characters")
     if order_id is not None and conn.execute("SELECT 1 FROM orders WHERE id = ?", (order_id,)).fetchone() is None:
         raise LookupError(f"there is no order {order_id}; leave order_id out if the ticket is not about an order")
-    created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    created_at = datetime.now(UTC).isoformat(timespec="seconds")
     cursor = conn.execute(
         "INSERT INTO tickets (order_id, summary, priority, created_at) VALUES (?, ?, ?, ?)",
         (order_id, summary, priority, created_at),

@@ -1,1 +1,1 @@
-"""WebRTC server and page, phone websocket, VAD analyzers."""
+"""The outer edge: the HTTP/WebRTC server and page, the phone websocket, the command line, bench live."""

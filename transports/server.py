@@ -30,6 +30,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from loguru import logger
+from mimo_voice.agent.vad import create_vad_analyzer
+from mimo_voice.configs.schema import Config
 from pipecat.frames.frames import InputAudioRawFrame
 from pipecat.observers.base_observer import BaseObserver, FramePushed
 from pipecat.pipeline.worker import PipelineWorker
@@ -46,11 +48,8 @@ from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
 from pipecat.workers.runner import WorkerRunner
 from pydantic import BaseModel, Field
 
-from mimo_voice.configs.schema import Config
-
 from . import phone
 from .metrics import CONTENT_TYPE, ServerMetrics, TurnMetricsObserver
-from .vad import create_vad_analyzer
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 TINY_NOTICE = (
@@ -71,7 +70,7 @@ class BotContext:
     with :func:`run_worker`."""
 
     config: Config
-    engine: Any  # mimo_voice.streaming.engine.Engine (None for bots that need none)
+    engine: Any  # mimo_voice.streaming.engine.engine.Engine (None for bots that need none)
     tools: Any  # mimo_voice.tools.registry.ToolRegistry | None
     transport_name: TransportName
     turn_metrics: TurnMetricsObserver
@@ -139,9 +138,7 @@ class Session:
 class SessionHub:
     """What sessions share (config, engine, tools, metrics, the bot) and the slots they hold."""
 
-    def __init__(
-        self, config: Config, *, engine: Any, tools: Any, run_bot: RunBot, metrics: ServerMetrics
-    ) -> None:
+    def __init__(self, config: Config, *, engine: Any, tools: Any, run_bot: RunBot, metrics: ServerMetrics) -> None:
         self.config, self.engine, self.tools, self.run_bot, self.metrics = config, engine, tools, run_bot, metrics
         self.sessions: dict[str, Session] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -441,7 +438,7 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def load_engine(config: Config) -> Any:
     """The process's engine (blocking; seconds for the tiny model, minutes for 7B), announced loudly when tiny."""
-    from mimo_voice.streaming.engine import Engine
+    from mimo_voice.streaming.engine.engine import Engine
 
     engine = Engine.load(config)
     if engine.is_tiny:

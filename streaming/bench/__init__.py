@@ -1,0 +1,1 @@
+"""Benchmarks of the engine and the audio tokenizer (`mimo-voice bench engine|codec`), and their report helpers."""

@@ -1,0 +1,347 @@
+"""A session's state in the engine's worker process: the context record, its KV cache, the open user turn
+and the response being generated (see :mod:`.worker`; :class:`~.session.Session` is the asyncio side).
+
+Latency is won by doing the work while the user talks. Their audio is resampled to 24 kHz, encoded
+by the incremental encoder and every finished 160 ms patch is prefilled into the KV cache at once,
+so ``respond()`` only has the last patch or two, ``<|eosp|><|im_end|>\\n`` and the assistant prefix left
+to feed before the first token. Nothing already in the cache is fed again: earlier turns stay there,
+an assistant turn is closed by appending its closing tokens, text is injected by appending a turn.
+The exceptions, each rebuilding only what follows the point it changes, are barge-in roll-back,
+text injected while the user is talking (it goes before their open turn), and context management
+(see :mod:`.context`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from loguru import logger
+from mimo_voice.streaming.model.audio import Resampler
+from mimo_voice.streaming.model.sampling import Sampler
+
+from .codec_stream import IncrementalEncoder, StreamingDecoder
+from .context import Context, Segment
+from .events import SAMPLE_RATE, Event, TurnEnd
+from .generation import Generation
+from .prompts import Positions, frames_to_patches, task_format
+from .session import Turn
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+PREFILL_CHUNK = 512  # positions per forward when (re)building the cache: bounds activation memory
+
+
+class UserTurn:
+    """The user's turn while they talk: streaming resampler -> incremental encoder -> whole patches."""
+
+    def __init__(self, conversation: Conversation, segment: Segment) -> None:
+        streaming = conversation.config.streaming
+        self.segment = segment
+        self.encoder = IncrementalEncoder(
+            conversation.codec, streaming.encode_chunk_secs, streaming.encode_overlap_secs
+        )
+        self.group_size = conversation.model.config.group_size
+        self.samples_per_frame = conversation.codec.samples_per_frame
+        self.resampler: Resampler | None = None
+        self.frames = torch.zeros(0, conversation.model.config.audio_channels, dtype=torch.long)
+        self.samples = 0  # at 24 kHz
+        self.pending: list[Positions] = []  # positions not yet in the context (a response was being generated)
+
+    def push(self, pcm: np.ndarray, sample_rate: int) -> torch.Tensor:
+        """Audio in -> the patches it completed ``[P, group, channels]``."""
+        wav = self._resample(pcm, sample_rate)
+        return self._patches(self.encoder.push(wav), final=False)
+
+    def push_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Frames encoded elsewhere -> the patches they completed."""
+        self.samples += len(codes) * self.samples_per_frame
+        return self._patches(codes, final=False)
+
+    def finish(self) -> torch.Tensor:
+        """The rest of the utterance; like upstream, the last frame is repeated to fill the last patch."""
+        tail = self.resampler(np.zeros(0, np.float32), last=True) if self.resampler is not None else np.zeros(0)
+        self.samples += len(tail)
+        codes = [self.encoder.push(tail)] if len(tail) else []
+        codes.append(self.encoder.finish())
+        return self._patches(torch.cat([c.cpu() for c in codes]), final=True)
+
+    def _resample(self, pcm: np.ndarray, sample_rate: int) -> np.ndarray:
+        if self.resampler is None or self.resampler.from_rate != sample_rate:
+            self.resampler = Resampler(sample_rate, SAMPLE_RATE)
+        wav = self.resampler(pcm)
+        self.samples += len(wav)
+        return wav
+
+    def _patches(self, codes: torch.Tensor, final: bool) -> torch.Tensor:
+        frames = torch.cat([self.frames, codes.cpu().long()])
+        whole = len(frames) if final else len(frames) // self.group_size * self.group_size
+        self.frames = frames[whole:]
+        return frames_to_patches(frames[:whole], self.group_size)
+
+
+class Conversation:
+    """One session's state. Its public methods are the jobs a :class:`~.session.Session` sends; the worker
+    runs them one at a time, between steps."""
+
+    def __init__(self, worker: Worker, session_id: int, *, task: str, system_prompt: str | None) -> None:
+        self.worker = worker
+        self.session_id = session_id
+        self.config = worker.config
+        self.model, self.codec, self.builder = worker.model, worker.codec, worker.builder
+        self.tokenizer, self.special = worker.tokenizer, worker.special
+        self.task = task
+        self.format = task_format(task)
+        sampling = self.config.sampling_for(self.format.sampling)
+        self.text_sampler, self.audio_sampler = Sampler(sampling.text), Sampler(sampling.audio)
+        self.generator = torch.Generator(device=self.model.device).manual_seed(self.config.model.seed)
+        special = self.special
+        self.structure_ids = {
+            special.empty,
+            special.eot,
+            special.sosp,
+            special.eosp,
+            special.eostm,
+            special.im_start,
+            special.im_end,
+            special.endoftext,
+        }
+        self.context = Context(special.empty, self.builder.empty_row, self.model.config.group_size)
+        self.cache = self.model.new_cache()
+        self.last_output = None
+        self.system_prompt = system_prompt or None  # goes into the first user turn
+        self.user: UserTurn | None = None
+        self.deferred: list[tuple[Positions, Segment]] = []  # text injected while a response was generated
+        self.generation: Generation | None = None
+        self.last_response: Generation | None = None
+        self.closure: Segment | None = None  # the closing tokens of last_response
+        self.history: list[Turn] = []
+        self.text_hook: Callable[[list[int]], int | None] | None = None
+        self.error: str | None = None
+        self.compactions = 0
+        if worker.voice_patches is not None:
+            self.context.append(self.builder.voice_prompt(worker.voice_patches), Segment("voice", pinned=True))
+
+    # --- the KV cache ---
+
+    def sync(self):
+        """Feeds the positions of the record the cache does not hold yet; returns the last position's output."""
+        dropped = self._manage_context()
+        began = time.perf_counter()
+        for begin in range(self.cache.length, len(self.context), PREFILL_CHUNK):
+            text_ids, codes = self.context.positions(begin, begin + PREFILL_CHUNK).batch(self.model.device)
+            self.last_output = self.model(text_ids, codes, cache=self.cache)
+        if dropped:
+            logger.info(
+                f"context management: dropped {dropped} old audio positions and rebuilt the cache from the "
+                f"{len(self.context)} kept in {time.perf_counter() - began:.3f} s"
+            )
+        return self.last_output
+
+    def _truncate(self, length: int):
+        tail = self.context.truncate(length)
+        if self.cache.length > length:
+            self.cache.truncate(length)
+        return tail
+
+    def _manage_context(self) -> int:
+        """Near the window's end, drops old audio down to half the window; the cache is then rebuilt (by
+        :meth:`sync`) from what is kept. Returns how many positions were dropped."""
+        streaming = self.config.streaming
+        if len(self.context) <= streaming.max_context_positions - streaming.context_headroom_positions:
+            return 0
+        dropped = self.context.compact(
+            target=streaming.max_context_positions // 2, protected=streaming.max_context_positions // 4
+        )
+        if dropped:  # else everything left is pinned or recent: nothing to gain from a rebuild
+            self.cache = self.model.new_cache()
+            self.compactions += 1
+        return dropped
+
+    # --- the user's turn ---
+
+    def feed_audio(self, pcm: np.ndarray, sample_rate: int) -> None:
+        self._feed(lambda user: user.push(pcm, sample_rate))
+
+    def feed_codes(self, codes: torch.Tensor) -> None:
+        self._feed(lambda user: user.push_codes(codes))
+
+    def _feed(self, patches_of: Callable[[UserTurn], torch.Tensor]) -> None:
+        try:
+            user = self.user or self._open_user_turn()
+            patches = patches_of(user)
+            if len(patches):
+                user.pending.append(self.builder.audio(patches))
+            self._flush_user()
+        except Exception as exc:  # reported by the next respond(); the turn is dropped, the session stays usable
+            logger.exception("user audio could not be processed")
+            self.error = f"user audio could not be processed: {exc}"
+            self.discard_user_audio()
+
+    def _open_user_turn(self) -> UserTurn:
+        segment = Segment("user", pinned=self.system_prompt is not None)
+        self.user = UserTurn(self, segment)
+        self.user.pending.append(self.builder.user_open(self.system_prompt) + self.builder.tokens([self.special.sosp]))
+        return self.user
+
+    def _flush_user(self) -> None:
+        """Moves the open user turn's positions into the context and cache, unless a response is being generated."""
+        if self.generation is not None or self.user is None or not self.user.pending:
+            return
+        for positions in self.user.pending:
+            self.context.append(positions, self.user.segment)
+        self.user.pending.clear()
+        self.sync()
+
+    def _close_user_turn(self) -> None:
+        user = self.user
+        patches = user.finish()
+        end = self.builder.tokens([self.special.eosp]) + self.builder.user_close()
+        user.pending.append(self.builder.audio(patches) + end)
+        self._flush_user()
+        self.user = None
+        self.system_prompt = None
+        self._record(Turn("user", "", audio_seconds=user.samples / SAMPLE_RATE))
+
+    def _user_in_context(self) -> bool:
+        """Whether the open user turn is in the record (it is then its tail) rather than waiting in ``pending``."""
+        entries = self.context.entries
+        return self.user is not None and bool(entries) and entries[-1].segment is self.user.segment
+
+    def discard_user_audio(self) -> None:
+        if self._user_in_context():
+            self._truncate(self.context.start_of(self.user.segment))
+        self.user = None
+
+    # --- text turns ---
+
+    def add_text(self, role: str, text: str) -> None:
+        builder = self.builder
+        if role == "user":
+            positions = builder.user_text_turn(text, self.system_prompt, self.task)
+            segment = Segment("user", pinned=self.system_prompt is not None)
+            self.system_prompt = None
+        else:
+            positions = builder.tool_turn(text) if role == "tool" else builder.system_turn(text)
+            segment = Segment(role)
+        self._record(Turn(role, text))
+        if self.generation is not None:
+            self.deferred.append((positions, segment))
+            return
+        self._insert(positions, segment)
+
+    def _insert(self, positions: Positions, segment: Segment) -> None:
+        """Appends a turn; if the user is talking, it goes before their open turn."""
+        tail = self._truncate(self.context.start_of(self.user.segment)) if self._user_in_context() else []
+        self.context.append(positions, segment)
+        self.context.entries.extend(tail)
+        self.sync()
+
+    # --- the assistant's turn ---
+
+    def respond(self, mode: str, started: float, response_id: int) -> None:
+        def sink(event: Event) -> None:
+            self.worker.emit(self.session_id, response_id, event)
+
+        try:
+            self._respond(mode, started, sink)
+        except Exception as exc:  # the stream still ends, with the reason
+            logger.exception("respond() failed")
+            sink(TurnEnd("error", error=f"{type(exc).__name__}: {exc}", time=time.perf_counter()))
+
+    def _respond(self, mode: str, started: float, sink: Callable[[Event], None]) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            sink(TurnEnd("error", error=error, time=time.perf_counter()))
+            return
+        if self.user is not None:
+            self._close_user_turn()
+        segment = Segment("assistant")
+        prefix = self.builder.assistant_prefix(self.format.output, thinking=mode == "thinking")
+        self.context.append(prefix, segment)
+        first = self.sync()
+        generation = Generation(
+            self,
+            segment,
+            len(prefix),
+            output=self.format.output,
+            thinking=mode == "thinking",
+            started=started,
+            sink=sink,
+            first=first,
+        )
+        self.generation = self.last_response = generation
+        self.closure = None
+        self.worker.activate(generation)
+
+    def new_decoder(self) -> StreamingDecoder:
+        streaming = self.config.streaming
+        return StreamingDecoder(self.codec, streaming.decode_left_context_frames, streaming.decode_lookahead_frames)
+
+    def end_generation(self, generation: Generation) -> None:
+        """Closes the assistant turn in the record (fed lazily, with what comes next) and lets waiting input in."""
+        self.closure = Segment("closure")
+        self.context.append(self.builder.assistant_close(generation.stream_open), self.closure)
+        self._record(Turn("assistant", generation.spoken_text(), interrupted=generation.reason == "cancelled"))
+        self.generation = None
+        for positions, segment in self.deferred:
+            self.context.append(positions, segment)
+        self.deferred.clear()
+        self._flush_user()
+
+    def cancel(self, played_samples: int | None) -> None:
+        generation = self.generation
+        if generation is not None:
+            generation.finish("cancelled")
+        if played_samples is not None and self.last_response is not None:
+            self._roll_back(self.last_response, max(int(played_samples), 0), was_running=generation is not None)
+
+    def _roll_back(self, response: Generation, played_samples: int, was_running: bool) -> None:
+        """Cuts the response after the last patch the user heard; what followed it (their barge-in audio, an
+        injected turn) is kept and fed again after the new closing tokens."""
+        patches, heard = response.heard(played_samples)
+        if response.output == "text" or (patches == response.released_patches and not was_running):
+            return  # nothing unheard to drop: text goes out whole, or playback had finished
+        audio = self.context.audio_indices(response.segment)
+        patches = min(patches, len(audio))  # fewer if context management dropped some (a very long reply)
+        start = self.context.start_of(response.segment)
+        cut = audio[patches - 1] + 1 if patches else start + response.prefix_length
+        stream_open = self.special.sostm in (entry.text_id for entry in self.context.entries[start:cut])
+        later = [
+            entry
+            for entry in self._truncate(cut)
+            if entry.segment is not response.segment and entry.segment is not self.closure
+        ]
+        self.closure = Segment("closure")
+        self.context.append(self.builder.assistant_close(stream_open) + self.builder.interrupted_note(), self.closure)
+        self.context.entries.extend(later)
+        turn = next(turn for turn in reversed(self.history) if turn.role == "assistant")
+        turn.text, turn.interrupted = heard, True
+        self.worker.send_history(self)
+        self.last_response = None
+        if later:
+            self.sync()
+
+    def close(self) -> None:
+        if self.generation is not None:
+            self.generation.finish("cancelled")
+        self.user = None
+        self.cache = self.model.new_cache()
+
+    def set_text_hook(self, hook: Callable[[list[int]], int | None] | None) -> None:
+        self.text_hook = hook
+
+    def caught_up(self) -> None:
+        """Nothing to do: it returns once every job sent before it has run."""
+
+    def inspect(self, function: Callable[..., Any], *args: Any) -> Any:
+        """Tests and benchmarks: ``function(self, *args)`` here, its (picklable) result sent back."""
+        return function(self, *args)
+
+    def _record(self, turn: Turn) -> None:
+        self.history.append(turn)
+        self.worker.send_history(self)

@@ -1,0 +1,265 @@
+"""One assistant response in progress: the request state the engine's step loop advances one LLM
+position at a time (:meth:`Generation.step`), in the engine's worker process.
+
+Each step follows upstream's generation loop: the text head picks the next token (or a forced one:
+the thinking budget's ``</think>``, the ``<|sostm|>`` that opens speech, a test's ``text_hook``);
+``<|empty|>`` inside a speech stream means an audio patch, which the patch decoder writes; the new
+position goes into the KV cache; then the token is routed:
+
+- thinking text (``<think>\\n`` ... ``</think>``) -> ``TextToken(thinking=True)``, never spoken;
+- answer text -> the tool-call filter -> ``TextToken`` / withheld ``<tool_call>`` -> ``ToolCallText``;
+- audio patch -> the same filter (so audio written during a tool call is never emitted) ->
+  ``AudioPatch`` and the streaming decoder -> ``AudioChunk`` (24 kHz int16).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+from mimo_voice.streaming.model.audio import float_to_pcm16
+
+from .context import Segment
+from .events import SAMPLES_PER_PATCH, AudioChunk, AudioPatch, Event, TextToken, ToolCallText, TurnEnd, TurnEndReason
+from .prompts import THINK_CLOSE, Output
+from .text_stream import Detokenizer, SpokenToken, ToolCallFilter, heard_text
+
+if TYPE_CHECKING:
+    from mimo_voice.streaming.model.modeling_mimo_audio import MiMoAudioOutput
+
+    from .session import Conversation
+
+THINK_END_TAG = THINK_CLOSE.strip()
+PATCH_SECONDS = SAMPLES_PER_PATCH / 24_000
+
+
+class Generation:
+    def __init__(
+        self,
+        conversation: Conversation,
+        segment: Segment,
+        prefix_length: int,
+        *,
+        output: Output,
+        thinking: bool,
+        started: float,
+        sink: Callable[[Event], None],
+        first: MiMoAudioOutput,
+    ) -> None:
+        self.conv = conversation
+        self.segment = segment
+        self.prefix_length = prefix_length  # positions of the assistant prefix at the start of the segment
+        self.output = output
+        self.phase = "thinking" if thinking else ("stream" if output == "speech" else "text")
+        self.stream_open = self.phase == "stream"
+        self.sink = sink
+        self.last = first
+        self.started = started  # perf_counter() when respond() was called: the end of the user turn
+        self.prompt_positions = len(conversation.context)
+        self.tokens: list[int] = []  # every text-channel token of this response (text_hook's input)
+        self.forced: deque[int] = deque()
+        self.thoughts = Detokenizer(conversation.tokenizer)
+        self.answer = Detokenizer(conversation.tokenizer)
+        self.filter = ToolCallFilter()
+        self.spoken: list[SpokenToken] = []
+        self.released_patches = 0
+        self.emitted_samples = 0
+        self.decoder = conversation.new_decoder() if output == "speech" else None
+        self.cancel_requested = False
+        self.reason: TurnEndReason | None = None
+        self.timings: dict[str, float] = {"prefill_s": time.perf_counter() - started}
+        self._step_time = {"audio": 0.0, "text": 0.0}
+        self._pcm_time = 0.0  # of which streaming decode
+        self._step_count = {"audio": 0, "text": 0}
+        self._generation_start = time.perf_counter()
+
+    @property
+    def done(self) -> bool:
+        return self.reason is not None
+
+    # --- one step ---
+
+    def step(self) -> None:
+        if self.cancel_requested:
+            self.finish("cancelled")
+            return
+        begin = time.perf_counter()
+        token = self._next_token()
+        if token in self._stop_ids():
+            self.finish("stop")
+            return
+        conv = self.conv
+        is_patch = token == conv.special.empty
+        if is_patch and self.phase != "stream":  # only a text_hook can do this; the sampler bans it
+            raise ValueError("<|empty|> (an audio patch) forced outside a speech stream")
+        if is_patch:
+            codes = conv.model.decode_patch(self.last.local_in, conv.audio_sampler, conv.generator)[0]
+            positions = conv.builder.audio(codes[None])
+        else:
+            positions = conv.builder.tokens([token])
+        conv.context.append(positions, self.segment)
+        self.last = conv.sync()
+        self.tokens.append(token)
+        if is_patch:
+            self._route_patch(positions.codes[0])
+        else:
+            self._route_token(token)
+        kind = "audio" if is_patch else "text"
+        self._step_time[kind] += time.perf_counter() - begin
+        self._step_count[kind] += 1
+        if self.filter.call is not None:
+            self.finish("tool_call")
+        elif len(self.tokens) >= conv.config.agent.max_new_groups and not self.done:
+            self.finish("length")
+
+    def _stop_ids(self) -> set[int]:
+        special = self.conv.special
+        stops = {special.im_end, special.endoftext}
+        return stops | {special.eostm} if self.output == "speech" else stops
+
+    def _banned(self) -> list[int]:
+        special = self.conv.special
+        if self.phase == "stream":
+            return [special.sostm]  # a stream opens once
+        banned = [special.empty, special.eot, special.eostm]
+        if self.phase == "thinking":  # a thought is followed by an answer: no stopping inside the block
+            banned += [special.im_end, special.endoftext]
+        # Speech may open from thinking (the model skipping </think>); text output never opens a stream.
+        return banned + [special.sostm] * (self.output == "text")
+
+    def _next_token(self) -> int:
+        if self.forced:
+            return self.forced.popleft()
+        hook = self.conv.text_hook
+        if hook is not None:
+            forced = hook(list(self.tokens))
+            if forced is not None:
+                return int(forced)
+        logits = self.last.text_logits
+        return int(self.conv.text_sampler.sample(logits, self._banned(), self.conv.generator)[0])
+
+    # --- routing ---
+
+    def _route_token(self, token: int) -> None:
+        if token == self.conv.special.sostm:
+            self.phase, self.stream_open = "stream", True
+        elif token in self.conv.structure_ids:
+            return  # <|eot|> and other structure tokens are never text
+        elif self.phase in ("thinking", "closing_think"):
+            self._think(token)
+        else:
+            delta = self.answer.push(token)
+            self._release(self.filter.push(TextToken(delta, token, time=time.perf_counter()), delta))
+
+    def _think(self, token: int) -> None:
+        delta = self.thoughts.push(token)
+        self._emit(TextToken(delta, token, thinking=True, time=time.perf_counter()))
+        if self.phase == "thinking":
+            text = self.thoughts.text
+            end = text.find(THINK_END_TAG)
+            if end >= 0:
+                # Upstream's block ends "</think>\n"; speech then opens with <|sostm|>.
+                newline = not text[end + len(THINK_END_TAG) :].startswith("\n")
+                self.forced.extend(self.conv.builder.encode("\n") * newline)
+                self.forced.extend([self.conv.special.sostm] * (self.output == "speech"))
+                self.phase = "closing_think"
+            elif len(self.thoughts.ids) >= self.conv.config.agent.thinking_budget_tokens and not self.forced:
+                # Budget spent: close the block; the tag's tokens come through the next steps.
+                self.forced.extend(self.conv.builder.encode(("" if text.endswith("\n") else "\n") + THINK_CLOSE))
+        if self.phase == "closing_think" and self.output == "text" and not self.forced:
+            self.phase = "text"
+
+    def _route_patch(self, codes: torch.Tensor) -> None:
+        event = AudioPatch(codes.cpu().numpy(), index=-1, time=time.perf_counter())
+        self._release(self.filter.push(event))
+
+    def _release(self, events: list[Event]) -> None:
+        for event in events:
+            if isinstance(event, AudioPatch):
+                self._emit_patch(event)
+            else:
+                self.spoken.append(SpokenToken(event.token_id, event.text, self.released_patches))
+                self._emit(event)
+
+    def _emit_patch(self, event: AudioPatch) -> None:
+        index = self.released_patches
+        self.released_patches += 1
+        self._emit(AudioPatch(event.codes, index=index, time=event.time))
+        began = time.perf_counter()
+        self.timings.setdefault("first_patch_s", began - self.started)
+        pcm = self.decoder.push(torch.as_tensor(event.codes, device=self.conv.codec.device))
+        self._pcm_time += time.perf_counter() - began
+        self._emit_pcm(pcm)
+
+    def _emit_pcm(self, pcm: torch.Tensor) -> None:
+        if pcm.numel() == 0:
+            return
+        now = time.perf_counter()
+        self.timings.setdefault("first_pcm_s", now - self.started)
+        samples = float_to_pcm16(pcm.float().cpu().numpy())
+        self._emit(AudioChunk(samples, first_sample=self.emitted_samples, time=now))
+        self.emitted_samples += len(samples)
+
+    def _emit(self, event: Event) -> None:
+        if isinstance(event, TextToken):
+            self.timings.setdefault("first_text_s", event.time - self.started)
+        self.sink(event)
+
+    # --- the end ---
+
+    def finish(self, reason: TurnEndReason, error: str | None = None) -> None:
+        """Ends the response: flushes what is held back, closes the turn in the context, emits TurnEnd."""
+        if self.done:
+            return
+        if reason not in ("cancelled", "error"):
+            self._release(self.filter.flush())
+            unclosed = self.filter.unclosed_call()
+            call = self.filter.call
+            if call is None and unclosed is not None:  # the turn ended inside the call: the agent reports it
+                call = ToolCallText(unclosed, time=time.perf_counter())
+            if call is not None:
+                self._emit(call)
+                reason = "tool_call"
+            if self.decoder is not None:
+                self._emit_pcm(self.decoder.flush())
+        self.reason = reason
+        try:
+            self.conv.end_generation(self)
+        finally:  # the stream ends whatever happens
+            self._emit(
+                TurnEnd(
+                    reason,
+                    prompt_positions=self.prompt_positions,
+                    generated_positions=len(self.tokens),
+                    error=error,
+                    time=time.perf_counter(),
+                    timings=self._final_timings(),
+                )
+            )
+
+    def _final_timings(self) -> dict[str, float]:
+        elapsed = time.perf_counter() - self._generation_start
+        audio_s = self.released_patches * PATCH_SECONDS
+        timings = dict(self.timings, generation_s=elapsed, audio_s=audio_s, steps=float(len(self.tokens)))
+        for kind in ("audio", "text"):
+            if self._step_count[kind]:
+                timings[f"ms_per_{kind}_step"] = 1000 * self._step_time[kind] / self._step_count[kind]
+        if audio_s:
+            timings["rtf"] = elapsed / audio_s
+            timings["ms_pcm_per_patch"] = 1000 * self._pcm_time / self.released_patches
+        return timings
+
+    # --- barge-in ---
+
+    def spoken_text(self) -> str:
+        return "".join(token.text for token in self.spoken)
+
+    def heard(self, played_samples: int) -> tuple[int, str]:
+        """(patches the user heard, counting one they heard part of; the words they heard)."""
+        heard = played_samples / SAMPLES_PER_PATCH
+        patches = min(math.ceil(heard), self.released_patches)
+        return patches, heard_text(self.spoken, self.released_patches, heard)
