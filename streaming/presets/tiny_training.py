@@ -70,7 +70,7 @@ from mimo_voice.streaming.model.modeling_mimo_audio import (
 from mimo_voice.streaming.model.text_tokenizer import TRAINED_VOCAB_SIZE, SpecialTokens
 from torch import Tensor, nn
 
-DEFAULT_CACHE = Path("~/.cache/mimo-voice")
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "mimo-voice"
 KEEP_BUILDS = 2  # per preset: the current one and one other (e.g. another checkout's)
 SHAPING_MODULES = (
     configuration_mimo_audio,
