@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from loguru import logger
 from mimo_voice.streaming.model.audio import Resampler
-from mimo_voice.streaming.model.sampling import Sampler
+from mimo_voice.streaming.model.sampling import Sampler, SamplingParams
 
 from .codec_stream import IncrementalEncoder, StreamingDecoder
 from .context import Context, Segment
@@ -96,7 +96,8 @@ class Conversation:
         self.task = task
         self.format = task_format(task)
         sampling = self.config.sampling_for(self.format.sampling)
-        self.text_sampler, self.audio_sampler = Sampler(sampling.text), Sampler(sampling.audio)
+        self.text_sampler = Sampler(SamplingParams(**sampling.text.model_dump()))
+        self.audio_sampler = Sampler(SamplingParams(**sampling.audio.model_dump()))
         self.generator = torch.Generator(device=self.model.device).manual_seed(self.config.model.seed)
         special = self.special
         self.structure_ids = {

@@ -112,7 +112,8 @@ class Engine:
             from mimo_voice.streaming.presets.tiny_training import ensure_preset_checkpoints
 
             llm_path, codec_path = ensure_preset_checkpoints(config.model.preset, config.model.cache_dir)
-            logger.warning(preset_warning(config.model.preset))
+            for line in preset_warning(config.model.preset):
+                logger.warning(line)
         else:
             llm_path = resolve_checkpoint_dir(config.model.path)
             codec_path = resolve_checkpoint_dir(config.model.tokenizer_path or OFFICIAL_TOKENIZER_REPO)
@@ -283,13 +284,17 @@ class Engine:
         self._connection.close()
 
 
-def preset_warning(preset: str) -> str:
-    """What the log says when the embedded model serves: it is not MiMo-Audio-7B."""
+def preset_warning(preset: str) -> list[str]:
+    """What the log says when the embedded model serves: it is not MiMo-Audio-7B, and cannot answer."""
     trained = "only trained on synthetic data" if preset == "tiny" else "random weights"
-    return (
-        f"no model.path configured: running the embedded `{preset}` model. It has the real MiMo-Audio "
-        f"architecture but {trained}: IT BABBLES."
-    )
+    banner = "!" * 78
+    return [
+        banner,
+        f"No model weights configured (model.path is empty): serving the embedded `{preset}` model.",
+        f"It has the real MiMo-Audio architecture but {trained}: it BABBLES, it cannot understand or answer.",
+        "Point model.path and model.tokenizer_path at the official checkpoints for real answers.",
+        banner,
+    ]
 
 
 def _settle(future: concurrent.futures.Future[Any], result: Result) -> None:
