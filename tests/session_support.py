@@ -6,8 +6,8 @@ import contextlib
 
 import numpy as np
 import torch
-from mimo_voice.streaming.engine.testing import TestingEngine
 from mimo_voice.streaming.engine.events import AudioChunk, AudioPatch, Event, TextToken, TurnEnd
+from mimo_voice.streaming.engine.testing import TestingEngine
 
 
 class Script:

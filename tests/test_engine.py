@@ -192,7 +192,7 @@ def test_a_checkpoint_that_does_not_load_is_a_clear_error(tmp_path):
     config = json.loads((broken / "config.json").read_text())
     config["local_layers"] += 1  # the model now wants a patch-decoder layer the checkpoint lacks
     (broken / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="missing key 'local_transformer.layers"):
+    with pytest.raises(CheckpointError, match=r"missing key 'local_transformer\.layers"):
         Engine.load(load_config(None, [f"model.path={broken}", f"model.tokenizer_path={codec}"]))
 
 

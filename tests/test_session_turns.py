@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 from mimo_voice.configs import load_config
-from mimo_voice.streaming.engine.testing import TestingEngine
 from mimo_voice.streaming.engine.events import (
     SAMPLES_PER_PATCH,
     AudioChunk,
@@ -17,6 +16,7 @@ from mimo_voice.streaming.engine.events import (
     ToolCallText,
     TurnEnd,
 )
+from mimo_voice.streaming.engine.testing import TestingEngine
 from session_support import (
     Script,
     collect,

@@ -5,7 +5,8 @@ speech (a synthetic speech-like signal) is fed in 20 ms pieces at 16 kHz, resamp
 prefilled while it "arrives"; ``respond()`` then marks the end of the turn, and the reply is generated
 with audio forced at every position (as the official figures were measured) and decoded to PCM
 while it is generated. Forcing goes through a text hook, so the benchmark runs a testing engine
-(:mod:`mimo_voice.streaming.engine.testing`): the same worker and step loop as production, plus the hook. Reported, with p50/p90 over runs (and turns where it applies):
+(:mod:`mimo_voice.streaming.engine.testing`): the same worker and step loop as production, plus the hook.
+Reported, with p50/p90 over runs (and turns where it applies):
 
 - per audio group: LLM step + 11-step patch decoder + patch encoder, and the same plus streaming decode;
   RTF = that time / 160 ms of audio;

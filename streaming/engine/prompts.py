@@ -42,7 +42,6 @@ VOICE_PROMPT = "Your voice should be:"
 THINK_OPEN = "<think>\n"
 THINK_CLOSE = "</think>\n"
 THINK_OFF = "<think>\n\n</think>\n"
-TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 # Upstream picks a template at random; a fixed one keeps runs reproducible.
 TTS_TEMPLATE = {"en": "Please convert this text to speech", "zh": "请将这段文字转换为语音"}
 INTERRUPTED_NOTE = "The user interrupted your last reply: they heard it only up to where it stops."

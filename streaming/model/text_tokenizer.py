@@ -29,6 +29,9 @@ SPECIAL_TOKEN_TEXT = {
     "im_end": "<|im_end|>",
     "endoftext": "<|endoftext|>",
 }
+# Tool calls are plain text in the chat format (Qwen2's tags, not special tokens): the engine hides what lies
+# between them from speech, the tools package parses it.
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,7 @@ MIMO_ADDED = ["<|sosp|>", "<|eosp|>", "<|empty|>", "<|Human|>", "<|SpeechLM|>", 
 TRAINED_VOCAB_SIZE = 2048
 
 # Qwen2's pre-tokenizer split (digits one by one, words with their leading space, punctuation runs).
-QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501
 
 CORPUS = """\
 Hello! How can I help you today? Hi there, thanks for calling. Good morning, good afternoon, good evening.
@@ -151,7 +154,8 @@ def _official_layout(trained: Tokenizer) -> dict:
 
 
 def write_tiny_text_tokenizer(folder: str | Path) -> None:
-    """Write ``tokenizer.json`` + ``tokenizer_config.json`` that ``load_text_tokenizer`` reads like the official ones."""
+    """Writes ``tokenizer.json`` + ``tokenizer_config.json``, which ``load_text_tokenizer`` reads like the
+    official ones."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     data = _official_layout(_train_bpe())
