@@ -35,7 +35,7 @@ from mimo_voice.streaming.engine.events import (
     ToolCallText,
     TurnEnd,
 )
-from mimo_voice.streaming.engine.prompts import check_mode
+from mimo_voice.streaming.model.prompts import check_mode
 from mimo_voice.tools import END_CALL_TOOL, ToolCall, ToolCallError, parse_tool_call, tools_prompt
 from mimo_voice.tools.calls import error_text, is_error_result, result_text
 from pipecat.audio.vad.vad_analyzer import VAD_START_SECS

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mimo_voice.configs.errors import ToolError
-from mimo_voice.streaming.model.text_tokenizer import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+from mimo_voice.streaming.model.prompts import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
 __all__ = [
     "TOOL_CALL_CLOSE",

@@ -21,13 +21,13 @@ import numpy as np
 import torch
 from loguru import logger
 from mimo_voice.streaming.model.audio import Resampler
+from mimo_voice.streaming.model.prompts import Positions, frames_to_patches, task_format
 from mimo_voice.streaming.model.sampling import Sampler, SamplingParams
 
 from .codec_stream import IncrementalEncoder, StreamingDecoder
 from .context import Context, Segment
 from .events import SAMPLE_RATE, Event, Turn, TurnEnd
 from .generation import Generation
-from .prompts import Positions, frames_to_patches, task_format
 
 if TYPE_CHECKING:
     from .worker import Worker

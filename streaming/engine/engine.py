@@ -36,10 +36,10 @@ from mimo_voice.configs.errors import EngineClosed, EngineError
 from mimo_voice.streaming.model.audio import pcm16_to_float, resample
 from mimo_voice.streaming.model.checkpoint import resolve_checkpoint_dir
 from mimo_voice.streaming.model.configuration_mimo_audio import MiMoAudioConfig
+from mimo_voice.streaming.model.prompts import PromptBuilder, check_mode, task_format
 from mimo_voice.streaming.model.text_tokenizer import SpecialTokens, load_text_tokenizer
 
 from .events import TurnEnd
-from .prompts import PromptBuilder, check_mode, task_format
 from .protocol import (
     Call,
     Channel,

@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING
 
 import torch
 from mimo_voice.streaming.model.audio import float_to_pcm16
+from mimo_voice.streaming.model.prompts import THINK_CLOSE, Output
 
 from .context import Segment
 from .events import SAMPLES_PER_PATCH, AudioChunk, AudioPatch, Event, TextToken, ToolCallText, TurnEnd, TurnEndReason
-from .prompts import THINK_CLOSE, Output
 from .text_stream import Detokenizer, SpokenToken, ToolCallFilter, heard_text
 
 if TYPE_CHECKING:

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from loguru import logger
 from mimo_voice.streaming.model.audio import check_codes, pcm16_to_float
+from mimo_voice.streaming.model.prompts import check_mode
 
 from .events import Event, Turn, TurnEnd
-from .prompts import check_mode
 from .protocol import (
     AddText,
     Cancel,

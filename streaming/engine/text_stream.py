@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from mimo_voice.streaming.model.text_tokenizer import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+from mimo_voice.streaming.model.prompts import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from transformers import PreTrainedTokenizerBase
 
 from .events import Event, TextToken, ToolCallText

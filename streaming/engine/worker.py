@@ -43,11 +43,11 @@ from mimo_voice.configs.logging import setup_logging
 from mimo_voice.streaming.model.checkpoint import pick_device, pick_dtype
 from mimo_voice.streaming.model.modeling_audio_tokenizer import load_audio_tokenizer
 from mimo_voice.streaming.model.modeling_mimo_audio import load_mimo_audio
+from mimo_voice.streaming.model.prompts import PromptBuilder, frames_to_patches
 
 from .conversation import Conversation
 from .events import Event
 from .generation import Generation
-from .prompts import PromptBuilder, frames_to_patches
 from .protocol import (
     HEARTBEAT_SECS,
     TESTING_REQUESTS,

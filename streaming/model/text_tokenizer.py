@@ -29,9 +29,6 @@ SPECIAL_TOKEN_TEXT = {
     "im_end": "<|im_end|>",
     "endoftext": "<|endoftext|>",
 }
-# Tool calls are plain text in the chat format (Qwen2's tags, not special tokens): the engine hides what lies
-# between them from speech, the tools package parses it.
-TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 
 
 @dataclass(frozen=True)
