@@ -104,8 +104,11 @@ async def _turn(session: Session, audio: np.ndarray) -> dict[str, float]:
             first_pcm = event.time - started
         elif isinstance(event, TurnEnd):
             end = event
-    if end is None or end.reason != "stop":
-        raise RuntimeError(f"a benchmark turn ended with {end.reason if end else 'nothing'}: {end and end.error}")
+    if end is None or end.reason != "stop" or first_patch is None or first_pcm is None:
+        reason = end.reason if end else "nothing"
+        raise RuntimeError(
+            f"a benchmark turn ended with {reason} (audio: {first_pcm is not None}): {end and end.error}"
+        )
     steps = end.timings["ms_per_audio_step"]
     return {
         "prefill_s": end.timings["prefill_s"],

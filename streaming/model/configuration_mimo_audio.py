@@ -152,7 +152,7 @@ class MiMoAudioConfig:
     # --- the three Qwen2 configs the model is built from ---
 
     def backbone_config(self) -> Qwen2Config:
-        config = Qwen2Config(
+        config = Qwen2Config(  # type: ignore[call-arg]  # head_dim, rope_theta pass through its **kwargs
             **self.extra,
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,
@@ -188,7 +188,8 @@ class MiMoAudioConfig:
 
     def input_local_config(self) -> Qwen2Config:
         """The patch encoder (``input_local_transformer``); upstream fixes its FFN at 4x its width."""
-        return self._local(self.input_local_dim, self.input_local_layers, 4 * self.input_local_dim)
+        dim = self.input_local_dim or self.local_dim  # set by __post_init__; `or` is for the type checker
+        return self._local(dim, self.input_local_layers, 4 * dim)
 
     @property
     def patch_steps(self) -> int:
