@@ -14,7 +14,7 @@ Reported, with p50/p90 over runs (and turns where it applies):
   audio patch and -> first PCM chunk, at turn 1 and at the last turn. History is never re-prefilled, so the
   last turn must stay within 1.2x of the first (the command fails otherwise).
 
-The official implementation's figures on a 2-core CPU (presets.md) are printed alongside; they vary up to
+The official implementation's figures on a 2-core CPU (docs/mimo_audio.md §11) are printed alongside; they vary up to
 1.5x between runs on the same idle machine, so compare ratios measured side by side, not absolute values.
 """
 
@@ -35,7 +35,7 @@ from .report import ProgressBar, Table, add_json_argument, print_tables, summari
 INPUT_RATE = 16_000
 PIECE = INPUT_RATE // 50  # 20 ms, as WebRTC delivers it
 MAX_TURN_RATIO = 1.2
-# presets.md: the official implementation, 2-core CPU, fp32, greedy, audio forced (medians of 5 runs).
+# docs/mimo_audio.md §11: the official implementation, 2-core CPU, fp32, greedy, audio forced (medians of 5 runs).
 OFFICIAL = {
     "tiny": {
         "group_ms": 13.5,

@@ -167,7 +167,7 @@ class MiMoAudioConfig:
             hidden_act=self.hidden_act,
             tie_word_embeddings=self.tie_word_embeddings,
         )
-        # SDPA honours the patch encoder's is_causal=False (eager and flash-attention do not, see the reference notes).
+        # SDPA honours the patch encoder's is_causal=False (eager and flash-attention do not: docs/mimo_audio.md §10.2).
         config._attn_implementation = "sdpa"
         return config
 
@@ -196,7 +196,7 @@ class MiMoAudioConfig:
         """Sequential patch-decoder steps per patch: group_size + max(delay) (11 for MiMo-Audio)."""
         return self.group_size + max(self.delays)
 
-    # --- presets (reference notes, presets.md) ---
+    # --- presets (docs/mimo_audio.md §11) ---
 
     @classmethod
     def official_7b(cls) -> MiMoAudioConfig:

@@ -1,8 +1,8 @@
 """MiMo-Audio-Tokenizer in PyTorch: 24 kHz speech -> 25 Hz frames of RVQ codes -> 24 kHz speech.
 
 Module and buffer names are the official checkpoint's key names (``encoder.*``, ``decoder.*``,
-``decoder.vocoder.*``), so ``XiaomiMiMo/MiMo-Audio-Tokenizer`` loads unchanged. Written from the facts in the
-reference notes (mimo_audio.md §1, §7, §8); what decides numerical parity with upstream:
+``decoder.vocoder.*``), so ``XiaomiMiMo/MiMo-Audio-Tokenizer`` loads unchanged. Written from the facts in
+docs/mimo_audio.md §1-§3 and §10; what decides numerical parity with upstream:
 
 * Encoder: log-mel (audio.py) -> conv stem (stride 2, 50 Hz) -> bidirectional RoPE transformer whose 3rd layer
   output is added to the last one -> LayerNorm -> k2/s2 conv down-sampling to 25 Hz -> LayerNorm -> residual VQ,
@@ -10,7 +10,7 @@ reference notes (mimo_audio.md §1, §7, §8); what decides numerical parity wit
   codebooks in float32 math; loading in bfloat16 reproduces that).
 * Audio longer than 60 s is cut into 6000-mel-frame segments encoded as ONE padded batch, like upstream: the
   shorter last segment then sees its padding through the conv stem, and its down-sampling input is padded with
-  its last frame (reference §8.5). A single segment has none of these effects.
+  its last frame (docs/mimo_audio.md §10.5). A single segment has none of these effects.
 * Decoder: RVQ sum -> ConvTranspose x2 -> GroupNorm(1, C) over the WHOLE decoded chunk -> 32 causal layers ->
   ConvTranspose x2 to a 100 Hz "mel" -> GroupNorm (statistics include the frame that is then trimmed) -> Vocos
   transformer with a [40 left, 10 right] sliding window -> ISTFT head with "same" padding: 960 samples per frame.

@@ -17,7 +17,7 @@ from mimo_voice.configs.errors import TokenizerError
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-# SpecialTokens field -> token text (reference notes, section 2.8).
+# SpecialTokens field -> token text (docs/mimo_audio.md §8).
 SPECIAL_TOKEN_TEXT = {
     "sosp": "<|sosp|>",
     "eosp": "<|eosp|>",
