@@ -1,10 +1,10 @@
-"""Prompt formats as model positions (reference notes, section 3), built with the tiny text tokenizer."""
+"""Prompt formats as model positions (docs/mimo_audio.md §9), built with the tiny text tokenizer."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from mimo_voice.streaming.engine.prompts import (
+from mimo_voice.streaming.model.prompts import (
     INTERRUPTED_NOTE,
     Positions,
     PromptBuilder,

@@ -4,7 +4,9 @@ Each run is one conversation of ``--turns`` turns through the real :class:`Sessi
 speech (a synthetic speech-like signal) is fed in 20 ms pieces at 16 kHz, resampled, encoded and
 prefilled while it "arrives"; ``respond()`` then marks the end of the turn, and the reply is generated
 with audio forced at every position (as the official figures were measured) and decoded to PCM
-while it is generated. Reported, with p50/p90 over runs (and turns where it applies):
+while it is generated. Forcing goes through a text hook, so the benchmark runs a testing engine
+(:mod:`mimo_voice.streaming.engine.testing`): the same worker and step loop as production, plus the hook.
+Reported, with p50/p90 over runs (and turns where it applies):
 
 - per audio group: LLM step + 11-step patch decoder + patch encoder, and the same plus streaming decode;
   RTF = that time / 160 ms of audio;
@@ -12,7 +14,7 @@ while it is generated. Reported, with p50/p90 over runs (and turns where it appl
   audio patch and -> first PCM chunk, at turn 1 and at the last turn. History is never re-prefilled, so the
   last turn must stay within 1.2x of the first (the command fails otherwise).
 
-The official implementation's figures on a 2-core CPU (presets.md) are printed alongside; they vary up to
+The official implementation's figures on a 2-core CPU (docs/mimo_audio.md §11) are printed alongside; they vary up to
 1.5x between runs on the same idle machine, so compare ratios measured side by side, not absolute values.
 """
 
@@ -24,16 +26,16 @@ import time
 
 import numpy as np
 from mimo_voice.configs import Config
-from mimo_voice.streaming.engine.engine import Engine
 from mimo_voice.streaming.engine.events import AudioChunk, AudioPatch, TurnEnd
-from mimo_voice.streaming.engine.session import Session
+from mimo_voice.streaming.engine.testing import TestingEngine as Engine
+from mimo_voice.streaming.engine.testing import TestingSession as Session
 
 from .report import ProgressBar, Table, add_json_argument, print_tables, summarize, write_json
 
 INPUT_RATE = 16_000
 PIECE = INPUT_RATE // 50  # 20 ms, as WebRTC delivers it
 MAX_TURN_RATIO = 1.2
-# presets.md: the official implementation, 2-core CPU, fp32, greedy, audio forced (medians of 5 runs).
+# docs/mimo_audio.md §11: the official implementation, 2-core CPU, fp32, greedy, audio forced (medians of 5 runs).
 OFFICIAL = {
     "tiny": {
         "group_ms": 13.5,
@@ -102,8 +104,11 @@ async def _turn(session: Session, audio: np.ndarray) -> dict[str, float]:
             first_pcm = event.time - started
         elif isinstance(event, TurnEnd):
             end = event
-    if end is None or end.reason != "stop":
-        raise RuntimeError(f"a benchmark turn ended with {end.reason if end else 'nothing'}: {end and end.error}")
+    if end is None or end.reason != "stop" or first_patch is None or first_pcm is None:
+        reason = end.reason if end else "nothing"
+        raise RuntimeError(
+            f"a benchmark turn ended with {reason} (audio: {first_pcm is not None}): {end and end.error}"
+        )
     steps = end.timings["ms_per_audio_step"]
     return {
         "prefill_s": end.timings["prefill_s"],

@@ -13,10 +13,11 @@ import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from mimo_voice.configs.errors import TokenizerError
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-# SpecialTokens field -> token text (reference notes, section 2.8).
+# SpecialTokens field -> token text (docs/mimo_audio.md §8).
 SPECIAL_TOKEN_TEXT = {
     "sosp": "<|sosp|>",
     "eosp": "<|eosp|>",
@@ -28,10 +29,6 @@ SPECIAL_TOKEN_TEXT = {
     "im_end": "<|im_end|>",
     "endoftext": "<|endoftext|>",
 }
-
-
-class TokenizerError(ValueError):
-    """A text tokenizer that cannot be used; the message names the folder or the token."""
 
 
 @dataclass(frozen=True)
@@ -49,19 +46,19 @@ class SpecialTokens:
     endoftext: int
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: PreTrainedTokenizerFast) -> SpecialTokens:
-        ids = {}
+    def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase) -> SpecialTokens:
+        ids: dict[str, int] = {}
         for field in fields(cls):
             text = SPECIAL_TOKEN_TEXT[field.name]
             token_id = tokenizer.convert_tokens_to_ids(text)
             # Unknown tokens come back as None or as the unk id, which maps to another text.
-            if token_id is None or tokenizer.convert_ids_to_tokens(token_id) != text:
+            if not isinstance(token_id, int) or tokenizer.convert_ids_to_tokens(token_id) != text:
                 raise TokenizerError(f"the text tokenizer has no {text} token; is this a MiMo-Audio tokenizer?")
             ids[field.name] = token_id
         return cls(**ids)
 
 
-def load_text_tokenizer(folder: str | Path) -> PreTrainedTokenizerFast:
+def load_text_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer saved in a checkpoint folder, read offline."""
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
@@ -79,7 +76,7 @@ MIMO_ADDED = ["<|sosp|>", "<|eosp|>", "<|empty|>", "<|Human|>", "<|SpeechLM|>", 
 TRAINED_VOCAB_SIZE = 2048
 
 # Qwen2's pre-tokenizer split (digits one by one, words with their leading space, punctuation runs).
-QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501
 
 CORPUS = """\
 Hello! How can I help you today? Hi there, thanks for calling. Good morning, good afternoon, good evening.
@@ -154,7 +151,8 @@ def _official_layout(trained: Tokenizer) -> dict:
 
 
 def write_tiny_text_tokenizer(folder: str | Path) -> None:
-    """Write ``tokenizer.json`` + ``tokenizer_config.json`` that ``load_text_tokenizer`` reads like the official ones."""
+    """Writes ``tokenizer.json`` + ``tokenizer_config.json``, which ``load_text_tokenizer`` reads like the
+    official ones."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     data = _official_layout(_train_bpe())

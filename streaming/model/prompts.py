@@ -1,4 +1,4 @@
-"""MiMo-Audio prompt formats, as upstream builds them (reference notes, section 3), as model positions.
+"""MiMo-Audio prompt formats, as upstream builds them (docs/mimo_audio.md §9), as model positions.
 
 A prompt is a sequence of LLM positions. A text position carries its token and every channel's empty
 id; an audio position carries ``<|empty|>`` and one 4-frame x 8-codebook patch (:class:`Positions`).
@@ -30,9 +30,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from mimo_voice.streaming.model.text_tokenizer import SpecialTokens
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
+
+from .text_tokenizer import SpecialTokens
 
 Output = Literal["speech", "text"]
 
@@ -42,6 +43,8 @@ VOICE_PROMPT = "Your voice should be:"
 THINK_OPEN = "<think>\n"
 THINK_CLOSE = "</think>\n"
 THINK_OFF = "<think>\n\n</think>\n"
+# Tool calls are plain text in the chat format (Qwen2's tags, not special tokens): the engine keeps what lies
+# between them out of speech, the tools package parses it.
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 # Upstream picks a template at random; a fixed one keeps runs reproducible.
 TTS_TEMPLATE = {"en": "Please convert this text to speech", "zh": "请将这段文字转换为语音"}
@@ -175,7 +178,7 @@ class PromptBuilder:
         return self.text("<|im_start|>system\n", VOICE_PROMPT) + self.speech(patches) + self.text("<|im_end|>\n")
 
     def user_open(self, system_prompt: str | None) -> Positions:
-        """Opens a user turn; the system prompt goes inside the first one (reference notes, section 3)."""
+        """Opens a user turn; the system prompt goes inside the first one (docs/mimo_audio.md §9)."""
         if system_prompt:
             return self.text("<|im_start|>user\n", system_prompt, "\n\n")
         return self.text("<|im_start|>user\n")
