@@ -111,6 +111,8 @@ class ServerSection(Section):
 class ToolsSection(Section):
     enabled: list[str] = Field(default_factory=lambda: ["current_time", "calculator", "end_call"])
     support_db: str | None = Field(None, description="SQLite file for the support demo; created from the seed.")
+    workers: int = Field(2, ge=1, description="Tool worker processes; one killed and replaced per timed-out call.")
+    worker_memory_mb: int = Field(512, ge=64, description="Address space a tool worker may add after start-up.")
 
 
 class LoggingSection(Section):

@@ -272,7 +272,7 @@ def create_app(
 ) -> FastAPI:
     """The server of one process. With no ``run_bot`` it serves the real agent: the engine and the tool
     registry are loaded here (blocking) unless given, and an engine loaded here is closed at shutdown."""
-    owned_engine = None
+    owned_engine = owned_tools = None
     if run_bot is None:
         run_bot = run_agent_bot
         if engine is None:
@@ -280,7 +280,7 @@ def create_app(
         if tools is None:
             from mimo_voice.tools.registry import build_registry
 
-            tools = build_registry(config.tools, timeout_secs=config.agent.tool_timeout_secs)
+            tools = owned_tools = build_registry(config.tools, timeout_secs=config.agent.tool_timeout_secs)
     hub = SessionHub(config, engine=engine, tools=tools, run_bot=run_bot, metrics=metrics or ServerMetrics())
     webrtc = SmallWebRTCRequestHandler(ice_servers=config.server.ice_servers or None)
 
@@ -289,6 +289,8 @@ def create_app(
         yield
         await webrtc.close()
         await hub.close()
+        if owned_tools is not None:
+            owned_tools.close()
         if owned_engine is not None:
             await owned_engine.aclose()
 
