@@ -172,6 +172,10 @@ class MiMoAudioService(LLMService):
             self._session.set_mode(mode)
         logger.info(f"{self}: mode set to {mode}")
 
+    def end_after_reply(self) -> None:
+        """Hang up once the next reply has been spoken (as the end_call tool does)."""
+        self._end_after_reply = True
+
     @property
     def session(self) -> Session | None:
         return self._session
