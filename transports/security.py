@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -145,40 +146,48 @@ class RequestGuard:
         if not declared.isdigit() or int(declared) > limit:
             await _send_json(send, 413, f"the request body is over {limit} bytes")
             return
-        started = False
+        with contextlib.suppress(_BodyRefused):  # already answered
+            await self.app(scope, *_limited(receive, send, self.server))
 
-        async def tracked_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
 
+def _limited(receive: Receive, send: Send, server: ServerSection) -> tuple[Receive, Send]:
+    """``receive`` with the body's size and time limits, and ``send``. A body over a limit is answered (413 or
+    408) at once, from inside ``receive``: frameworks turn an error raised there into their own 400, which the
+    returned ``send`` then drops, as it drops anything sent after that answer."""
+    deadline = asyncio.get_running_loop().time() + server.body_timeout_secs
+    received, done, started, refused = 0, False, False, False
+
+    async def refuse(status: int, detail: str) -> None:
+        nonlocal refused
+        if not started:
+            await _send_json(send, status, detail)
+        refused = True
+        raise _BodyRefused(status, detail)
+
+    async def limited_receive() -> Message:
+        nonlocal received, done
+        if done:  # after the body only a disconnect can come: no deadline for that wait
+            return await receive()
         try:
-            await self.app(scope, self._limited(receive), tracked_send)
-        except _BodyRefused as refused:
-            if not started:
-                await _send_json(send, refused.status, refused.detail)
+            async with asyncio.timeout_at(deadline):
+                message = await receive()
+        except TimeoutError:
+            await refuse(408, "the request body took too long")
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            done = not message.get("more_body", False)
+            if received > server.max_body_bytes:
+                await refuse(413, f"the request body is over {server.max_body_bytes} bytes")
+        return message
 
-    def _limited(self, receive: Receive) -> Receive:
-        deadline = asyncio.get_running_loop().time() + self.server.body_timeout_secs
-        received, done = 0, False
+    async def tracked_send(message: Message) -> None:
+        nonlocal started
+        if refused:
+            return
+        started = started or message["type"] == "http.response.start"
+        await send(message)
 
-        async def limited_receive() -> Message:
-            nonlocal received, done
-            if done:  # after the body only a disconnect can come: no deadline for that wait
-                return await receive()
-            try:
-                async with asyncio.timeout_at(deadline):
-                    message = await receive()
-            except TimeoutError:
-                raise _BodyRefused(408, "the request body took too long") from None
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                done = not message.get("more_body", False)
-                if received > self.server.max_body_bytes:
-                    raise _BodyRefused(413, f"the request body is over {self.server.max_body_bytes} bytes")
-            return message
-
-        return limited_receive
+    return limited_receive, tracked_send
 
 
 class _HeaderTimeoutH11(H11Protocol):
