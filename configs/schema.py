@@ -140,6 +140,7 @@ class ServerSection(Section):
 class ToolsSection(Section):
     enabled: list[str] = Field(default_factory=lambda: ["current_time", "calculator", "end_call"])
     support_db: str | None = Field(None, description="SQLite file for the support demo; created from the seed.")
+    support_max_tickets_per_hour: int = Field(30, ge=1, description="Support demo: tickets created per hour, in all.")
     workers: int = Field(2, ge=1, description="Tool worker processes; one killed and replaced per timed-out call.")
     worker_memory_mb: int = Field(512, ge=64, description="Address space a tool worker may add after start-up.")
 

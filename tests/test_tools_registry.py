@@ -299,7 +299,8 @@ async def test_support_config_builds_the_demo_tools(tmp_path, monkeypatch):
     config = load_config("support")
     registry = build_registry(config.tools, timeout_secs=3.0)
     assert registry.names == config.tools.enabled
-    assert json.loads(await registry.call("lookup_order", {"order_id": "A1001"}))["status"] == "delivered"
+    order = {"order_id": "A1001", "email_or_postcode": "28013"}
+    assert json.loads(await registry.call("lookup_order", order))["status"] == "delivered"
     assert (tmp_path / "mimo-voice" / config.tools.support_db).is_file()
 
 

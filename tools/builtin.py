@@ -67,5 +67,6 @@ def enabled_tools(tools_config: ToolsSection) -> list[BaseTool]:
     names = list(dict.fromkeys(tools_config.enabled))
     available = dict(GENERAL_TOOLS)
     if any(name in SUPPORT_TOOL_NAMES for name in names):
-        available.update((t.name, t) for t in support_tools(tools_config.support_db))
+        limit = tools_config.support_max_tickets_per_hour
+        available.update((t.name, t) for t in support_tools(tools_config.support_db, max_tickets_per_hour=limit))
     return [available[name] for name in names]
