@@ -158,7 +158,7 @@ async def handle_twilio(websocket: WebSocket, hub: SessionHub) -> None:
         await _close(websocket, TRY_AGAIN_LATER, refused.message)
         return
     except HandshakeError as exc:
-        logger.warning(f"twilio: refused a stream: {exc}")
+        logger.warning(f"twilio: refused a stream: {str(exc)[:200]}")
         await _close(websocket, POLICY_VIOLATION, str(exc))
         return
     except WebSocketDisconnect:
