@@ -313,3 +313,37 @@ def test_call_sid_is_used_only_from_a_validated_stream(monkeypatch):
     forged = start.model_copy(update={"callSid": "CA../../Accounts/other"})
     assert twilio_serializer(forged, validated=True)._call_sid is None
     assert phone.CALL_SID.fullmatch(start.callSid)
+
+
+# --- calls end -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("limit", "note"),
+    [("server.max_call_secs=0.5", sessions.OVERTIME_NOTE), ("server.idle_timeout_secs=0.5", sessions.IDLE_NOTE)],
+)
+async def test_a_call_over_its_limit_gets_a_goodbye_then_ends(limit, note):
+    notes: list[str] = []
+
+    async def polite(transport, ctx) -> None:
+        said = asyncio.Event()
+
+        async def say_goodbye(text: str) -> None:
+            notes.append(text)
+            said.set()
+
+        ctx.say_goodbye = say_goodbye
+        await said.wait()  # a real agent speaks, then ends its worker
+
+    hub = SessionHub(load_config(None, [limit]), engine=None, tools=None, run_bot=polite, metrics=ServerMetrics())
+    session = hub.reserve("webrtc", client="10.0.0.1")
+    hung_up: list[bool] = []
+
+    async def hang_up() -> None:
+        hung_up.append(True)
+
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await asyncio.wait_for(hub.run(session, None, hang_up), 10)
+    assert notes == [note] and hung_up == [True] and not hub.sessions
+    assert 0.5 <= loop.time() - started < 3
