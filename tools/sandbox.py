@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import multiprocessing
 import resource
+import signal
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -62,6 +63,7 @@ def _cap_memory(memory_mb: int) -> None:
 
 
 def _worker_main(connection: Connection, factory: Callable[[], list[Any]], memory_mb: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle; it stops its workers
     tools = {tool.name: tool for tool in factory()}
     with contextlib.suppress(OSError, ValueError):  # no /proc or no limit support: run uncapped
         _cap_memory(memory_mb)
