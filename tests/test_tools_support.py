@@ -211,3 +211,21 @@ def test_an_unwritable_location_is_a_config_error(tmp_path):
     blocker.write_text("")
     with pytest.raises(ConfigError, match="cannot open"):
         ensure_database(blocker / "support.sqlite3")
+
+
+async def test_guessing_the_proof_is_stopped_after_a_few_tries(registry):
+    for guess in ("10001", "10002", "10003", "10004", "10005"):
+        with pytest.raises(ToolCallError, match="no order matches"):
+            await lookup(registry, "A1004", guess)
+    with pytest.raises(ToolCallError, match="too many wrong attempts"):
+        await lookup(registry, "A1004", "560001")  # even the right postcode, now
+    assert (await lookup(registry, "A1003", "SW1A 1AA"))["customer"] == "Wei Zhang"  # other orders are unaffected
+
+
+def test_a_database_from_the_seed_without_postcodes_is_refused(tmp_path):
+    old = tmp_path / "old.sqlite3"
+    with closing(sqlite3.connect(old)) as conn:
+        conn.executescript(SEED_PATH.read_text(encoding="utf-8"))
+        conn.execute("ALTER TABLE customers DROP COLUMN postcode")
+    with pytest.raises(ConfigError, match=r"older seed.*delete it to recreate it"):
+        ensure_database(old)

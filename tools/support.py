@@ -8,7 +8,9 @@ afterwards, so tickets persist across runs; delete it to start from the seed aga
 
 Callers steer the model, so the tools protect the data themselves rather than trusting the prompt: an order is
 shown only to a caller who gives its number with the customer's email or postcode (a wrong pair and an unknown
-order get the same answer, so order numbers cannot be probed), a ticket about an order needs the same proof, and
+order get the same answer, so order numbers cannot be probed; after ``MAX_FAILED_PROOFS_PER_HOUR`` wrong proofs
+an order is locked for the hour, so a postcode cannot be guessed by trial), a ticket about an order needs the same
+proof, and
 tickets are rate-limited from the database itself (``tools.support_max_tickets_per_hour`` in all, and
 ``MAX_TICKETS_PER_ORDER_PER_HOUR`` per order), so the limits hold across sessions, workers and restarts.
 """
@@ -34,6 +36,11 @@ SUPPORT_TOOL_NAMES = ("lookup_order", "create_ticket")
 REQUIRED_TABLES = frozenset({"customers", "orders", "order_items", "tickets"})
 MAX_SUMMARY_CHARS = 1000
 MAX_TICKETS_PER_ORDER_PER_HOUR = 3
+MAX_FAILED_PROOFS_PER_HOUR = 5  # per order: guessing a postcode by trial stops here
+TOO_MANY_FAILURES = (
+    "too many wrong attempts for this order in the last hour; the caller must try again later, or you can open a "
+    "ticket without the order number"
+)
 NOT_VERIFIED = (
     "no order matches that order number with that email or postcode; ask the caller to check both. "
     "Never reveal order details without them"
@@ -118,15 +125,26 @@ def _same_postcode(given: str, stored: str) -> bool:
 
 def verify_caller(conn: sqlite3.Connection, order_id: str, email_or_postcode: str) -> None:
     """LookupError (the same for an unknown order and a wrong proof) unless the email or postcode is the
-    customer's."""
+    customer's; after ``MAX_FAILED_PROOFS_PER_HOUR`` wrong ones for an order, LookupError whatever is given."""
+    since = (datetime.now(UTC) - timedelta(hours=1)).isoformat(timespec="seconds")
+    ((failures,),) = conn.execute(
+        "SELECT count(*) FROM failed_proofs WHERE order_id = ? AND failed_at >= ?", (order_id, since)
+    ).fetchall()
+    if failures >= MAX_FAILED_PROOFS_PER_HOUR:
+        raise LookupError(TOO_MANY_FAILURES)
     row = conn.execute(
         "SELECT c.email, c.postcode FROM orders o JOIN customers c ON c.id = o.customer_id WHERE o.id = ?",
         (order_id,),
     ).fetchone()
     given = email_or_postcode.strip()
-    if row is None or not given:
-        raise LookupError(NOT_VERIFIED)
-    if given.casefold() != row["email"].casefold() and not _same_postcode(given, row["postcode"]):
+    if (
+        row is None
+        or not given
+        or (given.casefold() != row["email"].casefold() and not _same_postcode(given, row["postcode"]))
+    ):
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        conn.execute("INSERT INTO failed_proofs (order_id, failed_at) VALUES (?, ?)", (order_id, now))
+        conn.commit()  # kept although the call fails (the failure rolls the rest back)
         raise LookupError(NOT_VERIFIED)
 
 

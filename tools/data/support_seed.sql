@@ -30,6 +30,12 @@ CREATE TABLE order_items (
     unit_price_cents INTEGER NOT NULL CHECK (unit_price_cents >= 0)
 );
 
+-- Failed attempts to prove an order is the caller's: a few per order per hour, then look-ups of it are refused.
+CREATE TABLE failed_proofs (
+    order_id  TEXT NOT NULL,
+    failed_at TEXT NOT NULL
+);
+
 CREATE TABLE tickets (
     id         INTEGER PRIMARY KEY AUTOINCREMENT,
     order_id   TEXT REFERENCES orders(id),
