@@ -9,11 +9,18 @@ import httpx
 import pytest
 import uvicorn
 import websockets
+from fastapi import WebSocket
 from mimo_voice.configs import ConfigError, load_config
 from mimo_voice.transports import phone, server, sessions
 from mimo_voice.transports.metrics import ServerMetrics
 from mimo_voice.transports.phone import StreamStart, twilio_serializer
-from mimo_voice.transports.security import check_exposure, resolve_auth_token, twilio_signature, uvicorn_config
+from mimo_voice.transports.security import (
+    check_exposure,
+    require_auth,
+    resolve_auth_token,
+    twilio_signature,
+    uvicorn_config,
+)
 from mimo_voice.transports.server import create_app
 from mimo_voice.transports.sessions import Refused, SessionHub
 from transports_support import metric, wait_until
@@ -347,3 +354,23 @@ async def test_a_call_over_its_limit_gets_a_goodbye_then_ends(limit, note):
     await asyncio.wait_for(hub.run(session, None, hang_up), 10)
     assert notes == [note] and hung_up == [True] and not hub.sessions
     assert 0.5 <= loop.time() - started < 3
+
+
+async def test_require_auth_guards_routes_the_middleware_does_not():
+    """What a websocket route (e.g. a realtime API) uses: the same token, from the Authorization header."""
+    app = app_with("server.auth_token=s3cret")
+
+    @app.websocket("/ws/probe")
+    async def probe(websocket: WebSocket) -> None:
+        require_auth(websocket)
+        await websocket.accept()
+        await websocket.send_text("in")
+        await websocket.close()
+
+    async with Served(app) as served:
+        ws_url = served.url.replace("http", "ws") + "/ws/probe"
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            await websockets.connect(ws_url, additional_headers={"Authorization": "Bearer wrong"})
+        assert refused.value.response.status_code == 403
+        async with websockets.connect(ws_url, additional_headers={"Authorization": "Bearer s3cret"}) as websocket:
+            assert await websocket.recv() == "in"
