@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
+import os
 import resource
 import signal
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 START_TIMEOUT_SECS = 60.0  # a fresh worker imports langchain-core and builds the tools: seconds on a busy machine
+WORKER_NICENESS = 5  # a busy tool yields the CPU to the real-time audio of the server process
 MAX_MESSAGE_CHARS = 300  # a refusal's message is cut to this: the model needs the gist, not a dump
 
 Outcome = tuple[str, Any]
@@ -64,6 +66,7 @@ def _cap_memory(memory_mb: int) -> None:
 
 def _worker_main(connection: Connection, factory: Callable[[], list[Any]], memory_mb: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle; it stops its workers
+    os.nice(WORKER_NICENESS)
     tools = {tool.name: tool for tool in factory()}
     with contextlib.suppress(OSError, ValueError):  # no /proc or no limit support: run uncapped
         _cap_memory(memory_mb)
