@@ -100,7 +100,8 @@ def require_auth(connection: HTTPConnection) -> None:
 
 def twilio_signature(auth_token: str, url: str, params: dict[str, str] | None = None) -> str:
     """``X-Twilio-Signature`` for a request to ``url`` (with its query string) carrying POST ``params``."""
-    payload = url + "".join(f"{name}{params[name]}" for name in sorted(params or {}))
+    values = params or {}
+    payload = url + "".join(f"{name}{values[name]}" for name in sorted(values))
     digest = hmac.new(auth_token.encode(), payload.encode(), hashlib.sha1).digest()
     return base64.b64encode(digest).decode()
 
@@ -195,7 +196,7 @@ class _HeaderTimeoutH11(H11Protocol):
 
     header_timeout = 10.0
 
-    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+    def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
         self._arm()
 

@@ -27,7 +27,7 @@ import asyncio
 import secrets
 import time
 from collections import defaultdict, deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -120,7 +120,7 @@ class BotContext:
         return [self.turn_metrics, self.activity]
 
 
-RunBot = Callable[[BaseTransport, BotContext], Awaitable[None]]
+RunBot = Callable[[BaseTransport, BotContext], Coroutine[Any, Any, None]]
 
 
 async def run_worker(worker: PipelineWorker, transport: BaseTransport, ctx: BotContext) -> None:
@@ -244,7 +244,7 @@ class SessionHub:
             InputActivityObserver(),
         )
         hang_up = _once(hang_up)
-        bot = asyncio.create_task(self.run_bot(transport, ctx), name=f"bot-{session.id}")
+        bot: asyncio.Task[None] = asyncio.create_task(self.run_bot(transport, ctx), name=f"bot-{session.id}")
         try:
             ending = await self._watch(session, ctx, bot)
             if ending is not None and not bot.done():
