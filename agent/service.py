@@ -5,7 +5,8 @@ encoding and prefill overlap the speech); the end of the user turn starts ``Sess
 frames: 24 kHz ``TTSAudioRawFrame``s between ``TTSStartedFrame``/``TTSStoppedFrame`` and
 ``LLMFullResponseStart/EndFrame``, the spoken words as ``TTSTextFrame``s (pushed after the audio that carries them,
 so the assistant aggregator records only words whose audio the output transport played), reasoning as
-``LLMThought*Frame``s (never spoken, logged).
+``LLMThought*Frame``s (never spoken; logged at DEBUG only, like tool arguments and results: INFO logs carry no
+caller data).
 
 A tool call written in the text stream ends the assistant turn (the session withholds its text and audio); it runs
 through pipecat's ``run_function_calls``, and its result goes back into the session as a tool turn. As in pipecat's
@@ -155,6 +156,10 @@ class MiMoAudioService(LLMService):
         if self._session is not None:
             self._session.set_mode(mode)
         logger.info(f"{self}: mode set to {mode}")
+
+    def end_after_reply(self) -> None:
+        """Hang up once the next reply has been spoken (as the end_call tool does)."""
+        self._end_after_reply = True
 
     @property
     def session(self) -> Session | None:
@@ -316,7 +321,8 @@ class MiMoAudioService(LLMService):
         try:
             self.set_mode(message.get("mode"))
         except ValueError as exc:
-            logger.warning(f"{self}: ignored app message {message}: {exc}")
+            logger.warning(f"{self}: ignored an app message: {exc}")
+            logger.debug(f"{self}: the ignored app message: {message}")
 
     # --- generation ---
 
@@ -451,19 +457,22 @@ class MiMoAudioService(LLMService):
         """Run the call the model wrote; True when the model must speak again at once (the call could not be made)."""
         self._tool_rounds += 1
         if self._tool_rounds > MAX_TOOL_ROUNDS:
-            logger.warning(f"{self}: over {MAX_TOOL_ROUNDS} tool calls in one turn; not answering {raw_call!r}")
+            logger.warning(f"{self}: over {MAX_TOOL_ROUNDS} tool calls in one turn; not answering the last")
+            logger.debug(f"{self}: the unanswered call: {raw_call!r}")
             return False
         try:
             call = parse_tool_call(raw_call, [name for name in self._functions if name])
         except ToolCallError as exc:
-            logger.warning(f"{self}: bad tool call {raw_call!r}: {exc}")
+            logger.warning(f"{self}: the model wrote a tool call that cannot be made")
+            logger.debug(f"{self}: bad tool call {raw_call!r}: {exc}")
             await self._session.add_text("tool", error_text(str(exc)))
             return True
         await self._run_tool_call(call)
         return False
 
     async def _run_tool_call(self, call: ToolCall) -> None:
-        logger.info(f"{self}: tool call {call.name}({call.arguments})")
+        logger.info(f"{self}: tool call {call.name}")  # arguments are the caller's data: DEBUG only
+        logger.debug(f"{self}: tool call {call.name}({call.arguments})")
         self._pending_calls.add(call.call_id)
         await self.run_function_calls(
             [
@@ -487,7 +496,8 @@ class MiMoAudioService(LLMService):
             text = error_text(f"The call to {frame.function_name} was cancelled before it finished.")
             run_llm = frame.run_llm
         self._pending_calls.discard(frame.tool_call_id)
-        logger.info(f"{self}: tool result for {frame.function_name}: {text}")
+        logger.info(f"{self}: tool result for {frame.function_name} ({len(text)} characters)")
+        logger.debug(f"{self}: tool result for {frame.function_name}: {text}")
         if self._session is not None:
             await self._session.add_text("tool", text)
         self._results_awaiting_response |= run_llm
@@ -543,7 +553,7 @@ class _SpeechText:
     async def end_thought(self) -> None:
         if self._thought is None:
             return
-        logger.info(f"{self._service}: thinking: {''.join(self._thought)!r}")
+        logger.debug(f"{self._service}: thinking: {''.join(self._thought)!r}")
         self._thought = None
         await self._service.push_frame(LLMThoughtEndFrame())
 

@@ -37,12 +37,13 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``agent.mode=thinking`` -> (["agent", "mode"], "thinking"); the value is read as YAML."""
+    """``agent.mode=thinking`` -> (["agent", "mode"], "thinking"); the value is read as YAML. An empty value is the
+    empty string, not null (``key=$UNSET_VARIABLE`` must not silently reset a key): write ``key=null`` for null."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r} is not of the form section.key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
     return key.strip().split("."), value
@@ -80,6 +81,8 @@ def _describe(error: ValidationError, source: str) -> str:
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
         if item["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key")
+        elif isinstance(item.get("input"), dict) or "token" in key:  # a whole section, or a secret: not echoed
+            lines.append(f"  {key}: {item['msg']}")
         else:
             lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
     return "\n".join(lines)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -103,14 +103,46 @@ class ServerSection(Section):
     host: str = "127.0.0.1"
     port: int = Field(7860, ge=0, le=65535)
     max_sessions: int = Field(4, ge=1)
-    auth_token: str | None = None
+    auth_token: str | None = Field(None, description="Bearer token; prefer auth_token_env or auth_token_file.")
+    auth_token_env: str | None = Field(None, description="Name of the environment variable holding the token.")
+    auth_token_file: str | None = Field(None, description="File holding the token (surrounding spaces ignored).")
+    allow_public_without_auth: bool = Field(False, description="Allow a non-loopback host without a token.")
+    docs: bool = Field(False, description="Serve /docs, /redoc and /openapi.json.")
+    public_url: str | None = Field(
+        None, description="The server's URL as clients see it (https://host), for Twilio signatures behind a proxy."
+    )
     ice_servers: list[str] = Field(default_factory=list)
-    disconnect_timeout_secs: float = Field(5.0, gt=0)
+    disconnect_timeout_secs: float = Field(5.0, gt=0, description="Hang up a client that sends no audio this long.")
+    idle_timeout_secs: float = Field(120.0, gt=0, description="Say goodbye after this long without speech.")
+    max_call_secs: float = Field(1800.0, gt=0, description="Say goodbye when a call has lasted this long.")
+    max_sessions_per_client: int = Field(2, ge=1, description="Concurrent calls per client address (not Twilio).")
+    max_offers_per_minute: int = Field(20, ge=1, description="WebRTC offers per client address per minute.")
+    max_pending_handshakes: int = Field(16, ge=1, description="Websockets opened but not yet in a call.")
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body or websocket message.")
+    header_timeout_secs: float = Field(10.0, gt=0, description="Time a client has to send its request headers.")
+    body_timeout_secs: float = Field(10.0, gt=0, description="Time a client has to send its request body.")
+
+    @field_validator("auth_token")
+    @classmethod
+    def _token_not_empty(cls, token: str | None) -> str | None:
+        if token is not None and not token.strip():
+            raise ValueError("the token is empty (an unset variable?); give one, or remove the key to run without")
+        return token
+
+    @model_validator(mode="after")
+    def _one_token_source(self) -> ServerSection:
+        sources = [self.auth_token, self.auth_token_env, self.auth_token_file]
+        if sum(source is not None for source in sources) > 1:
+            raise ValueError("set at most one of auth_token, auth_token_env and auth_token_file")
+        return self
 
 
 class ToolsSection(Section):
     enabled: list[str] = Field(default_factory=lambda: ["current_time", "calculator", "end_call"])
     support_db: str | None = Field(None, description="SQLite file for the support demo; created from the seed.")
+    support_max_tickets_per_hour: int = Field(30, ge=1, description="Support demo: tickets created per hour, in all.")
+    workers: int = Field(2, ge=1, description="Tool worker processes; one killed and replaced per timed-out call.")
+    worker_memory_mb: int = Field(512, ge=64, description="Address space a tool worker may add after start-up.")
 
 
 class LoggingSection(Section):

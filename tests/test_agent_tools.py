@@ -7,6 +7,7 @@ import json
 
 from agent_harness import Agent, spoken, tool_call, wait_until
 from langchain_core.tools import tool
+from loguru import logger
 from mimo_voice.configs import load_config
 from mimo_voice.tools import ToolRegistry, build_registry
 from pipecat.frames.frames import (
@@ -141,10 +142,32 @@ async def test_unknown_tool_is_answered_with_the_error():
     assert not calls and not agent.pushed(FunctionCallInProgressFrame)
 
 
-async def test_raising_tool_tells_the_model_what_went_wrong():
-    _agent, result = await _bad_call('{"name": "flaky", "arguments": {}}')
+async def test_raising_tool_tells_the_model_it_failed_and_the_log_why():
+    messages = []
+    handler = logger.add(messages.append, level="DEBUG", format="{level} {message}")
+    try:
+        _agent, result = await _bad_call('{"name": "flaky", "arguments": {}}')
+    finally:
+        logger.remove(handler)
     assert calls == [{"tool": "flaky"}]
-    assert "database is down" in result["error"]
+    assert "flaky failed because of an internal error" in result["error"]
+    assert "database is down" not in result["error"]  # internals stay out of the model's context and the page
+    assert any(m.startswith("DEBUG") and "database is down" in m for m in messages)
+
+
+async def test_info_logs_carry_no_tool_arguments_results_or_thinking():
+    messages = []
+    handler = logger.add(messages.append, level="DEBUG", format="{level.no} {message}")
+    raw = '{"name": "weather", "arguments": {"city": "Tegucigalpa"}}'
+    try:
+        await converse([tool_call(raw), spoken(["It", " is", " sunny"], thinking=["Secret", "-plan"])], responses=2)
+    finally:
+        logger.remove(handler)
+    info_and_above = [m for m in messages if int(m.split(" ", 1)[0]) >= 20]
+    assert any("tool call weather" in m for m in info_and_above)  # what happened is still at INFO
+    for private in ("Tegucigalpa", "Sunny in", "Secret-plan"):
+        assert not any(private in m for m in info_and_above), private
+        assert any(private in m for m in messages), f"{private} is not even at DEBUG"
 
 
 async def test_tool_timeout_tells_the_model():

@@ -50,3 +50,10 @@ async def test_end_call_says_the_call_is_ending(registry):
     assert END_CALL_TOOL in registry.names
     result = await registry.call(END_CALL_TOOL, {"reason": "user said bye"})
     assert "call ends" in result and "goodbye" in result
+
+
+@pytest.mark.parametrize("zone", ["Europe/" + "x" * 300, "../../etc/passwd", "Mars/Olympus_Mons"])
+async def test_a_bad_time_zone_is_refused_without_internals(registry, zone):
+    with pytest.raises(ToolCallError, match="unknown time zone") as error:
+        await registry.call("current_time", {"timezone": zone})
+    assert "/usr" not in str(error.value) and "site-packages" not in str(error.value)

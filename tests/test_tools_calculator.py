@@ -1,4 +1,5 @@
 import math
+import time
 
 import pytest
 from mimo_voice.tools.calculator import MAX_RESULT_BITS, CalculatorError, evaluate, format_number
@@ -93,3 +94,30 @@ def test_float_overflow_is_an_error(expression):
 @pytest.mark.parametrize(("value", "text"), [(14, "14"), (0.1 + 0.2, "0.3"), (4.0, "4"), (1 / 3, "0.333333333333")])
 def test_format(value, text):
     assert format_number(value) == text
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "round(1, -10**7)",
+        "round(1, -10**8)",
+        "round(2**4000, -10**6)",
+        "round(1.5, 10**9)",
+        "round(1, 0.5)",
+        "10**10**10",
+        "9**9**9",
+        "(-9)**9**9",
+        "2**4000 * 2**4000 * 2**4000",
+        "(2**4000)**2",
+        "2 ** -(2**4000)",
+        "sqrt(2**4000)",
+        "1e308 * 10",
+        "2**4000 / 3",
+    ],
+)
+def test_bombs_fail_fast_with_an_error(expression):
+    """Each would take seconds to hours, or gigabytes, if computed."""
+    started = time.perf_counter()
+    with pytest.raises(CalculatorError):
+        evaluate(expression)
+    assert time.perf_counter() - started < 0.1

@@ -164,7 +164,7 @@ async def test_only_the_final_result_of_a_pipecat_handler_counts():
         ("add_numbers", {"a": 1, "c": 2}, "unknown argument 'c'"),
         ("add_numbers", {"a": "forty"}, "Invalid arguments for add_numbers: a: Input should be a valid integer"),
         ("get_weather", {"town": "Paris"}, "unknown argument 'town'; missing argument 'city'"),
-        ("broken_tool", {}, "broken_tool failed: disk on fire"),
+        ("broken_tool", {}, "broken_tool failed because of an internal error"),
         ("slow_tool", {}, "slow_tool did not answer within 0.05 seconds"),
         ("silent_function", {}, "silent_function finished without reporting a result"),
     ],
@@ -278,7 +278,7 @@ async def test_register_with_answers_every_call_through_pipecat(registry):
     results = {frame.tool_call_id: frame.result for frame in down if isinstance(frame, FunctionCallResultFrame)}
     assert results["call-0"] == "5"
     assert json.loads(results["call-1"])["city"] == "Oslo"
-    assert json.loads(results["call-2"]) == {"error": "broken_tool failed: disk on fire"}
+    assert json.loads(results["call-2"])["error"].startswith("broken_tool failed because of an internal error")
     assert "did not answer" in json.loads(results["call-3"])["error"]
     assert "Input should be a valid integer" in json.loads(results["call-4"])["error"]
     assert len(results) == len(calls)
@@ -299,7 +299,8 @@ async def test_support_config_builds_the_demo_tools(tmp_path, monkeypatch):
     config = load_config("support")
     registry = build_registry(config.tools, timeout_secs=3.0)
     assert registry.names == config.tools.enabled
-    assert json.loads(await registry.call("lookup_order", {"order_id": "A1001"}))["status"] == "delivered"
+    order = {"order_id": "A1001", "email_or_postcode": "28013"}
+    assert json.loads(await registry.call("lookup_order", order))["status"] == "delivered"
     assert (tmp_path / "mimo-voice" / config.tools.support_db).is_file()
 
 

@@ -36,8 +36,17 @@ def registry(db_path: Path) -> ToolRegistry:
     return registry
 
 
-async def lookup(registry: ToolRegistry, order_id: str) -> dict:
-    return json.loads(await registry.call("lookup_order", {"order_id": order_id}))
+def proof(order_id: str) -> str:
+    """The email of the order's customer, from the seed."""
+    order = normalize_order_id(order_id)
+    rows = seed_rows(f"SELECT c.email FROM orders o JOIN customers c ON c.id = o.customer_id WHERE o.id = '{order}'")
+    return rows[0][0] if rows else "nobody@example.com"
+
+
+async def lookup(registry: ToolRegistry, order_id: str, email_or_postcode: str | None = None) -> dict:
+    given = proof(order_id) if email_or_postcode is None else email_or_postcode
+    arguments = {"order_id": order_id, "email_or_postcode": given}
+    return json.loads(await registry.call("lookup_order", arguments))
 
 
 def test_tool_names_match_the_declared_names(db_path):
@@ -86,15 +95,57 @@ async def test_order_numbers_are_normalized(registry, spoken):
 
 
 async def test_unknown_order(registry):
-    with pytest.raises(ToolCallError, match="there is no order Z9999"):
+    with pytest.raises(ToolCallError, match="no order matches that order number"):
         await lookup(registry, "Z9999")
+
+
+@pytest.mark.parametrize("given", ["wei.zhang@example.com", "28014", "", "   ", "%", "' OR 1=1 --"])
+async def test_an_unverified_lookup_is_refused_like_an_unknown_order(registry, given):
+    with pytest.raises(ToolCallError) as refused:
+        await lookup(registry, "A1001", given)  # Ana Garcia's order
+    assert "no order matches that order number" in str(refused.value)
+    assert "Ana" not in str(refused.value) and "JD014600003512" not in str(refused.value)
+
+
+@pytest.mark.parametrize("given", ["ana.garcia@example.com", "ANA.GARCIA@example.com ", "28013", " 28013 "])
+async def test_the_customers_email_or_postcode_verifies_the_caller(registry, given):
+    assert (await lookup(registry, "A1001", given))["customer"] == "Ana Garcia"
+    assert (await lookup(registry, "A1003", "sw1a1aa"))["customer"] == "Wei Zhang"  # postcodes without spaces too
+
+
+async def test_a_lookup_without_the_proof_is_an_argument_error(registry):
+    with pytest.raises(ToolCallError, match="missing argument 'email_or_postcode'"):
+        await registry.call("lookup_order", {"order_id": "A1001"})
+
+
+async def test_tickets_about_an_order_need_the_proof_and_are_rate_limited(db_path):
+    registry = ToolRegistry(timeout_secs=5.0)
+    for tool in support_tools(db_path, max_tickets_per_hour=5):
+        registry.add(tool)
+    with pytest.raises(ToolCallError, match="no order matches"):
+        await registry.call("create_ticket", {"summary": "Refund me", "order_id": "A1002"})
+    about_order = {"summary": "Broken", "order_id": "A1002", "email_or_postcode": "28013"}
+    for _ in range(3):
+        await registry.call("create_ticket", about_order)
+    with pytest.raises(ToolCallError, match="already has recent tickets"):
+        await registry.call("create_ticket", about_order)
+    for _ in range(2):
+        await registry.call("create_ticket", {"summary": "A question"})
+    with pytest.raises(ToolCallError, match="too many tickets"):
+        await registry.call("create_ticket", {"summary": "One more"})
 
 
 async def test_create_ticket_is_stored_and_numbered_after_the_seed(registry, db_path):
     ((highest,),) = seed_rows("SELECT max(id) FROM tickets")
     first = json.loads(
         await registry.call(
-            "create_ticket", {"summary": "Keyboard arrived broken", "order_id": "a1002", "priority": "high"}
+            "create_ticket",
+            {
+                "summary": "Keyboard arrived broken",
+                "order_id": "a1002",
+                "email_or_postcode": "28013",
+                "priority": "high",
+            },
         )
     )
     second = json.loads(await registry.call("create_ticket", {"summary": "How do I change my email?"}))
@@ -107,7 +158,8 @@ async def test_create_ticket_is_stored_and_numbered_after_the_seed(registry, db_
 
 
 async def test_tickets_persist_across_restarts(registry, db_path):
-    created = json.loads(await registry.call("create_ticket", {"summary": "Lost parcel", "order_id": "A1006"}))
+    lost = {"summary": "Lost parcel", "order_id": "A1006", "email_or_postcode": "wei.zhang@example.com"}
+    created = json.loads(await registry.call("create_ticket", lost))
     restarted = ToolRegistry()
     for tool in support_tools(db_path):
         restarted.add(tool)
@@ -117,7 +169,7 @@ async def test_tickets_persist_across_restarts(registry, db_path):
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        ({"summary": "Broken", "order_id": "Z1"}, "there is no order Z1"),
+        ({"summary": "Broken", "order_id": "Z1", "email_or_postcode": "28013"}, "no order matches"),
         ({"summary": "   "}, "summary is empty"),
         ({"summary": "x" * 1001}, "longer than 1000"),
         ({"summary": "Broken", "priority": "urgent"}, "priority: Input should be 'low', 'normal' or 'high'"),
@@ -159,3 +211,21 @@ def test_an_unwritable_location_is_a_config_error(tmp_path):
     blocker.write_text("")
     with pytest.raises(ConfigError, match="cannot open"):
         ensure_database(blocker / "support.sqlite3")
+
+
+async def test_guessing_the_proof_is_stopped_after_a_few_tries(registry):
+    for guess in ("10001", "10002", "10003", "10004", "10005"):
+        with pytest.raises(ToolCallError, match="no order matches"):
+            await lookup(registry, "A1004", guess)
+    with pytest.raises(ToolCallError, match="too many wrong attempts"):
+        await lookup(registry, "A1004", "560001")  # even the right postcode, now
+    assert (await lookup(registry, "A1003", "SW1A 1AA"))["customer"] == "Wei Zhang"  # other orders are unaffected
+
+
+def test_a_database_from_the_seed_without_postcodes_is_refused(tmp_path):
+    old = tmp_path / "old.sqlite3"
+    with closing(sqlite3.connect(old)) as conn:
+        conn.executescript(SEED_PATH.read_text(encoding="utf-8"))
+        conn.execute("ALTER TABLE customers DROP COLUMN postcode")
+    with pytest.raises(ConfigError, match=r"older seed.*delete it to recreate it"):
+        ensure_database(old)

@@ -50,7 +50,7 @@ async def test_without_weights_the_server_says_it_babbles():
     assert info["tiny"] is True and info["model"] == "tiny" and info["notice"] == TINY_NOTICE
     assert info["notice"].startswith("tiny: babbles")
     assert info["mode"] == "non_thinking" and info["auth_required"] is False
-    assert health == {"status": "ok", "sessions": 0, "max_sessions": 4, "tiny": True}
+    assert health == {"status": "ok", "sessions": 0, "max_sessions": 4, "tiny": True, "auth_required": False}
 
 
 async def test_with_real_weights_there_is_no_notice():
@@ -95,17 +95,22 @@ async def test_video_only_offer_is_refused():
     assert response.status_code == 400 and "no audio track" in response.json()["detail"]
 
 
-async def test_bearer_token_guards_signalling_only():
+async def test_bearer_token_guards_everything_but_health_and_the_page():
     app = app_with("server.auth_token=s3cret")
     offer = {"sdp": "hello", "type": "offer"}
     async with client(app) as http:
         missing = await http.post("/api/offer", json=offer)
         wrong = await http.post("/api/offer", json=offer, headers={"Authorization": "Bearer nope"})
-        patch = await http.patch("/api/offer", json={"pc_id": "x", "candidates": []})
+        patch = await http.patch("/api/offer", json={"pc_id": "x", "session_secret": "y", "candidates": []})
+        info, metrics = await http.get("/api/info"), await http.get("/metrics")
         right = await http.post("/api/offer", json=offer, headers={"Authorization": "Bearer s3cret"})
-        assert (await http.get("/api/info")).json()["auth_required"] is True
-        assert (await http.get("/health")).status_code == 200
-    for refused in (missing, wrong, patch):
+        authorized = {"Authorization": "Bearer s3cret"}
+        assert (await http.get("/api/info", headers=authorized)).json()["auth_required"] is True
+        assert (await http.get("/metrics", headers=authorized)).status_code == 200
+        health = await http.get("/health")
+        assert health.status_code == 200 and health.json()["auth_required"] is True
+        assert (await http.get("/")).status_code == 200 and (await http.get("/static/app.js")).status_code == 200
+    for refused in (missing, wrong, patch, info, metrics):
         assert refused.status_code == 401
         assert refused.json()["detail"] == "missing or wrong bearer token"
         assert refused.headers["www-authenticate"] == "Bearer"
@@ -113,10 +118,18 @@ async def test_bearer_token_guards_signalling_only():
     assert app.state.hub.metrics.sessions_refused.value("unauthorized") == 3
 
 
+async def test_api_docs_are_off_by_default():
+    async with client(app_with()) as http:
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert (await http.get(path)).status_code == 404
+    async with client(app_with("server.docs=true")) as http:
+        assert (await http.get("/openapi.json")).status_code == 200
+
+
 async def test_full_server_answers_503_with_a_reason():
     app = app_with("server.max_sessions=2")
     hub = app.state.hub
-    assert hub.reserve("webrtc") and hub.reserve("twilio")
+    assert hub.reserve("webrtc", client="10.0.0.1") and hub.reserve("twilio", client=None)
     async with client(app) as http:
         response = await http.post("/api/offer", json={"sdp": await audio_offer(), "type": "offer"})
         health = (await http.get("/health")).json()
@@ -126,12 +139,16 @@ async def test_full_server_answers_503_with_a_reason():
     assert hub.metrics.sessions_refused.value("capacity") == 1
 
 
-async def test_trickled_candidates_need_a_known_connection():
+async def test_trickled_candidates_need_a_known_connection_and_its_secret():
     candidate = {"candidate": "candidate:1 1 udp 2130706431 127.0.0.1 9 typ host", "sdp_mid": "0", "sdp_mline_index": 0}
     async with client(app_with()) as http:
-        unknown = await http.patch("/api/offer", json={"pc_id": "nobody", "candidates": [candidate]})
-        malformed = await http.patch("/api/offer", json={"pc_id": "nobody", "candidates": [{"candidate": 5}]})
-    assert unknown.status_code == 404 and unknown.json()["detail"] == "Peer connection not found"
+        unknown = await http.patch(
+            "/api/offer", json={"pc_id": "nobody", "session_secret": "guess", "candidates": [candidate]}
+        )
+        malformed = await http.patch(
+            "/api/offer", json={"pc_id": "nobody", "session_secret": "guess", "candidates": [{"candidate": 5}]}
+        )
+    assert unknown.status_code == 404 and unknown.json()["detail"] == "no such connection, or the wrong session_secret"
     assert malformed.status_code == 400 and "candidates.0.sdp_mid: Field required" in malformed.json()["detail"]
 
 

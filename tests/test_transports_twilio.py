@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import websockets
 from fixtures.speech import track
+from mimo_voice.transports import sessions
 from pipecat.audio.utils import create_stream_resampler, pcm_to_ulaw, ulaw_to_pcm
 from transports_support import agent_app, metric, serving, tiny_engine, wait_until  # noqa: F401 (a fixture)
 
@@ -82,7 +83,8 @@ class TwilioCall:
 
 
 def phone_app(engine, *overrides: str):
-    return agent_app(engine, "server.host=127.0.0.1", *overrides, config_name="phone")
+    # phone.yaml reads its token from MIMO_VOICE_TOKEN; these tests set their own (or none).
+    return agent_app(engine, "server.host=127.0.0.1", "server.auth_token_env=null", *overrides, config_name="phone")
 
 
 def ws_url(base_url: str) -> str:
@@ -150,8 +152,9 @@ async def test_token_and_capacity_are_enforced(tiny_engine):
                     await asyncio.wait_for(second.recv(), 5)
             assert busy.value.rcvd.code == 1013 and "busy" in busy.value.rcvd.reason
             talking.cancel()
-        assert await metric(base_url, 'mimo_voice_sessions_refused_total{reason="unauthorized"}') == 1
-        assert await metric(base_url, 'mimo_voice_sessions_refused_total{reason="capacity"}') == 1
+        refused = 'mimo_voice_sessions_refused_total{reason="%s"}'
+        assert await metric(base_url, refused % "unauthorized", token="s3cret") == 1
+        assert await metric(base_url, refused % "capacity", token="s3cret") == 1
 
 
 async def test_a_stream_that_goes_quiet_is_hung_up(tiny_engine):
@@ -167,4 +170,25 @@ async def test_a_stream_that_goes_quiet_is_hung_up(tiny_engine):
                 while True:
                     await asyncio.wait_for(websocket.recv(), 10)
         assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1000, "call ended")
+        assert await wait_until(lambda: not app.state.hub.sessions, timeout=5)
+
+
+async def test_a_silent_caller_is_hung_up_at_the_idle_timeout(tiny_engine):
+    idle = 2.0
+    app = phone_app(tiny_engine, f"server.idle_timeout_secs={idle}", "agent.max_new_groups=40")
+    async with serving(app) as base_url:
+        async with websockets.connect(ws_url(base_url)) as websocket:
+            call = TwilioCall(websocket)
+            await call.open()
+            opened = asyncio.get_running_loop().time()
+            line = asyncio.create_task(call.say(np.zeros(0, np.int16), 8000, then_silence=True))  # frames, no speech
+            try:
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    while True:
+                        await asyncio.wait_for(websocket.recv(), 40)
+            finally:
+                line.cancel()
+            lasted = asyncio.get_running_loop().time() - opened
+        assert closed.value.rcvd.code == 1000  # the agent's goodbye ended the worker, which closed the stream
+        assert idle <= lasted < idle + sessions.GOODBYE_GRACE_SECS + 5, f"hung up after {lasted:.1f} s"
         assert await wait_until(lambda: not app.state.hub.sessions, timeout=5)

@@ -47,8 +47,11 @@ async def test_second_caller_is_refused_when_the_limit_is_one(tiny_engine):
             # A trickled candidate for a live connection is accepted (and takes no slot).
             candidate = {"candidate": HOST_CANDIDATE, "sdp_mid": "0", "sdp_mline_index": 0}
             async with httpx.AsyncClient(base_url=base_url) as http:
-                patched = await http.patch("/api/offer", json={"pc_id": first.pc_id, "candidates": [candidate]})
+                body = {"pc_id": first.pc_id, "session_secret": first.session_secret, "candidates": [candidate]}
+                patched = await http.patch("/api/offer", json=body)
+                stranger = await http.patch("/api/offer", json={**body, "session_secret": "guess"})
             assert (patched.status_code, patched.json()) == (200, {"status": "ok"})
+            assert stranger.status_code == 404
             # So does a renegotiation of the live connection.
             renegotiated = await first.renegotiate()
             assert renegotiated.status_code == 200 and renegotiated.json()["pc_id"] == first.pc_id

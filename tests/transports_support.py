@@ -44,10 +44,13 @@ async def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
     return True
 
 
-async def metric(base_url: str, name: str) -> float:
+async def metric(base_url: str, name: str, token: str | None = None) -> float:
     """The value of one sample of ``GET /metrics`` (``name`` includes its labels); 0 when absent."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     async with httpx.AsyncClient(base_url=base_url) as http:
-        text = (await http.get("/metrics")).text
+        response = await http.get("/metrics", headers=headers)
+        response.raise_for_status()
+        text = response.text
     for line in text.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[-1])

@@ -66,6 +66,7 @@ class Caller:
         self.base_url, self.microphone = base_url, microphone
         self.pc = RTCPeerConnection()
         self.pc_id: str | None = None
+        self.session_secret: str | None = None
         self.audible_frames = 0
         self.channel = self.pc.createDataChannel("chat")
         self._readers: list[asyncio.Task] = []
@@ -99,16 +100,24 @@ class Caller:
         response.raise_for_status()
         await self._accept(response.json())
 
-    async def renegotiate(self) -> httpx.Response:
-        """A new offer on the live connection (its ``pc_id`` tells the server which one)."""
+    async def renegotiate(self, *, restart: bool = False, secret: str | None = None) -> httpx.Response:
+        """A new offer on the live connection (its ``pc_id`` tells the server which one; the answer's
+        ``session_secret`` proves it is ours, unless another ``secret`` is given)."""
         await self.pc.setLocalDescription(await self.pc.createOffer())
-        response = await self._post({"sdp": self.pc.localDescription.sdp, "type": "offer", "pc_id": self.pc_id})
+        body = {
+            "sdp": self.pc.localDescription.sdp,
+            "type": "offer",
+            "pc_id": self.pc_id,
+            "restart_pc": restart,
+            "session_secret": self.session_secret if secret is None else secret,
+        }
+        response = await self._post(body)
         if response.status_code == 200:
             await self._accept(response.json())
         return response
 
     async def _accept(self, answer: dict) -> None:
-        self.pc_id = answer["pc_id"]
+        self.pc_id, self.session_secret = answer["pc_id"], answer["session_secret"]
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
 
     async def _listen(self, track) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -13,6 +14,7 @@ from .calculator import evaluate, format_number
 from .support import SUPPORT_TOOL_NAMES, support_tools
 
 END_CALL_TOOL = "end_call"
+_ZONE_NAME = re.compile(r"[A-Za-z0-9_+\-]+(/[A-Za-z0-9_+\-]+){0,2}")  # IANA names: at most three parts, no dots
 
 
 @tool(parse_docstring=True)
@@ -22,9 +24,11 @@ def current_time(timezone: str | None = None) -> str:
     Args:
         timezone: An IANA time zone such as "Europe/Paris" or "America/New_York"; the server's local time if omitted.
     """
+    if timezone and (len(timezone) > 64 or not _ZONE_NAME.fullmatch(timezone)):
+        raise ValueError("unknown time zone; use an IANA name such as Europe/Paris")
     try:
         zone = ZoneInfo(timezone) if timezone else None
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):
         raise ValueError(f"unknown time zone {timezone!r}; use an IANA name such as Europe/Paris") from None
     now = datetime.now(zone).astimezone(zone)  # aware in every case: astimezone(None) is the local zone
     where = timezone or "server local time"
@@ -63,5 +67,6 @@ def enabled_tools(tools_config: ToolsSection) -> list[BaseTool]:
     names = list(dict.fromkeys(tools_config.enabled))
     available = dict(GENERAL_TOOLS)
     if any(name in SUPPORT_TOOL_NAMES for name in names):
-        available.update((t.name, t) for t in support_tools(tools_config.support_db))
+        limit = tools_config.support_max_tickets_per_hour
+        available.update((t.name, t) for t in support_tools(tools_config.support_db, max_tickets_per_hour=limit))
     return [available[name] for name in names]

@@ -1,8 +1,13 @@
 """A safe arithmetic calculator: Python's own parser builds the tree and a whitelist walks it; `eval` is never used.
 
 Supported: numbers, ``+ - * / // %``, powers (``**`` or ``^``), unary signs, parentheses, the constants ``pi`` and
-``e`` and the functions ``sqrt``, ``abs`` and ``round``. Powers whose result would exceed ``MAX_RESULT_BITS`` are
-refused before they are computed, so ``9**9**9`` cannot exhaust memory or time.
+``e`` and the functions ``sqrt``, ``abs`` and ``round``.
+
+Callers steer the model, so every operation is bounded before it runs: no integer operand or result exceeds
+``MAX_RESULT_BITS``, a power whose result would is refused before it is computed (``9**9**9``, ``10**10**10``), and
+``round`` takes at most ``MAX_ROUND_DIGITS`` digits either side of the point (``round(1, -10**7)`` would otherwise
+compute ten to the ten millionth). Products, sums and quotients of bounded operands stay bounded, so every expression
+of ``MAX_EXPRESSION_CHARS`` finishes in milliseconds.
 """
 
 from __future__ import annotations
@@ -16,17 +21,30 @@ from mimo_voice.configs.errors import ToolError
 
 MAX_EXPRESSION_CHARS = 300
 MAX_RESULT_BITS = 4096  # about 1,200 decimal digits
+MAX_ROUND_DIGITS = 400  # floats carry ~17 significant digits and reach 1e308: more rounds nothing
 
 Number = int | float
 
 # Spellings a speech model is likely to write for the same operators.
 _SPELLINGS = {"^": "**", "×": "*", "·": "*", "÷": "/", "−": "-"}
 _CONSTANTS: dict[str, float] = {"pi": math.pi, "e": math.e}
-_FUNCTIONS: dict[str, Callable[..., Number]] = {"sqrt": math.sqrt, "abs": abs, "round": round}
 
 
 class CalculatorError(ToolError):
     """An expression the calculator refuses; the message says why."""
+
+
+def _round(value: Number, ndigits: Number | None = None) -> Number:
+    if ndigits is None:
+        return round(value)
+    if not isinstance(ndigits, int):
+        raise CalculatorError("round takes a whole number of digits, e.g. round(2.567, 2)")
+    if abs(ndigits) > MAX_ROUND_DIGITS:
+        raise CalculatorError(f"round takes at most {MAX_ROUND_DIGITS} digits either side of the point")
+    return round(value, ndigits)
+
+
+_FUNCTIONS: dict[str, Callable[..., Number]] = {"sqrt": math.sqrt, "abs": abs, "round": _round}
 
 
 def _check_size(value: Number) -> Number:

@@ -4,12 +4,21 @@ Every tool becomes a pipecat ``FunctionSchema`` (advertised to the model) and an
 tool within its timeout and turns anything that goes wrong into a ``ToolCallError`` whose message is written for the
 model; ``register_with`` wires the same path into a pipecat ``LLMService`` so that ``run_function_calls`` always gets
 an answer through ``result_callback``.
+
+Where a tool runs: langchain tools added with a ``sandbox`` (all the built-in ones, see :func:`build_registry`) run in
+its killable worker processes (tools/sandbox.py), so an overrun is stopped and never stalls the event loop. Others run
+in this process: async ones are cancelled at their timeout; a blocking one cannot be stopped, so give it a sandbox.
+
+Errors: the message of a ``ValueError``/``LookupError`` a tool raises is written for the model and passed on (cut to
+300 characters); any other exception may carry paths or internals, so the model gets a generic message and the log
+the details (at DEBUG; WARNING names only the tool and the exception type).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -25,6 +34,7 @@ from pydantic import ValidationError
 
 from .builtin import enabled_tools
 from .calls import ToolCallError, error_text, result_text, unknown_tool_error
+from .sandbox import MAX_MESSAGE_CHARS, Outcome, SandboxError, ToolSandbox, ToolTimeout
 
 if TYPE_CHECKING:
     from mimo_voice.configs.schema import ToolsSection
@@ -41,6 +51,7 @@ class _Entry:
     schema: FunctionSchema  # carries no handler: pipecat must reach the tool only through this registry
     invoke: Invoke
     timeout_secs: float
+    sandbox: ToolSandbox | None = None
 
 
 def _langchain_entry(tool: BaseTool) -> tuple[FunctionSchema, Invoke]:
@@ -119,6 +130,22 @@ def _describe_validation(name: str, error: ValidationError) -> str:
     return f"Invalid arguments for {name}: {details}."
 
 
+def _result(name: str, outcome: Outcome) -> str:
+    """The text for the model: the result, the tool's own refusal, or a generic failure (details to the log)."""
+    kind, value = outcome
+    if kind == "ok":
+        return result_text(value)
+    if kind == "invalid":
+        raise ToolCallError(value)
+    if kind == "refused":
+        logger.info(f"tool {name} refused its arguments")
+        logger.debug(f"tool {name} refused: {value}")
+        raise ToolCallError(f"{name} failed: {value}")
+    logger.warning(f"tool {name} failed with an internal error")
+    logger.debug(f"tool {name} failed: {value}")
+    raise ToolCallError(f"{name} failed because of an internal error; tell the user it is not available right now.")
+
+
 def _standalone_params(name: str, arguments: dict[str, Any]) -> FunctionCallParams:
     """Params for a call made outside a pipeline (no LLM, worker or context)."""
 
@@ -144,18 +171,29 @@ class ToolRegistry:
             raise ValueError("timeout_secs must be positive")
         self._timeout_secs = timeout_secs
         self._entries: dict[str, _Entry] = {}
+        self._sandboxes: list[ToolSandbox] = []
 
-    def add(self, tool: Any, *, timeout_secs: float | None = None) -> None:
+    def add(self, tool: Any, *, timeout_secs: float | None = None, sandbox: ToolSandbox | None = None) -> None:
         """Add a langchain ``BaseTool`` (``@tool`` functions included), a pipecat direct function
         (``async def f(params: FunctionCallParams, ...)`` with a docstring), or a ``(FunctionSchema, handler)`` pair
-        (a ``FunctionSchema`` carrying its ``handler`` works too)."""
+        (a ``FunctionSchema`` carrying its ``handler`` works too). With ``sandbox`` (langchain tools only), calls run
+        in its worker processes, whose factory must build a tool of the same name."""
         if timeout_secs is not None and timeout_secs <= 0:
             raise ValueError("timeout_secs must be positive")
+        if sandbox is not None and not isinstance(tool, BaseTool):
+            raise TypeError("only langchain tools can run in a sandbox")
         schema, invoke = _entry_parts(tool)
         if schema.name in self._entries:
             raise ValueError(f"a tool named {schema.name!r} is already registered")
         timeout = self._timeout_secs if timeout_secs is None else timeout_secs
-        self._entries[schema.name] = _Entry(schema, invoke, timeout)
+        self._entries[schema.name] = _Entry(schema, invoke, timeout, sandbox)
+        if sandbox is not None:
+            self._sandboxes.append(sandbox)
+
+    def close(self) -> None:
+        """Stop the sandboxes' worker processes."""
+        for sandbox in dict.fromkeys(self._sandboxes):
+            sandbox.close()
 
     @property
     def names(self) -> list[str]:
@@ -180,22 +218,40 @@ class ToolRegistry:
         if not isinstance(arguments, dict):
             raise ToolCallError(f"Arguments for {name} must be a JSON object.")
         _check_arguments(entry.schema, arguments)
-        params = params or _standalone_params(name, arguments)
+        if entry.sandbox is not None:
+            outcome = await self._call_sandboxed(entry, arguments)
+        else:
+            outcome = await self._call_here(entry, arguments, params or _standalone_params(name, arguments))
+        return _result(name, outcome)
+
+    async def _call_sandboxed(self, entry: _Entry, arguments: dict[str, Any]) -> Outcome:
+        assert entry.sandbox is not None
+        name = entry.schema.name
+        try:
+            return await entry.sandbox.call(name, arguments, timeout=entry.timeout_secs)
+        except ToolTimeout:
+            logger.warning(f"tool {name} timed out after {entry.timeout_secs:g} s; its worker was stopped")
+            raise ToolCallError(f"{name} did not answer within {entry.timeout_secs:g} seconds.") from None
+        except SandboxError as exc:
+            return "failed", str(exc)
+
+    async def _call_here(self, entry: _Entry, arguments: dict[str, Any], params: FunctionCallParams) -> Outcome:
+        name = entry.schema.name
         try:
             async with asyncio.timeout(entry.timeout_secs) as deadline:
-                result = await entry.invoke(arguments, params)
+                return "ok", await entry.invoke(arguments, params)
         except ToolCallError:
             raise
         except ValidationError as exc:
-            raise ToolCallError(_describe_validation(name, exc)) from None
+            return "invalid", _describe_validation(name, exc)
+        except (ValueError, LookupError) as exc:
+            return "refused", (str(exc) or type(exc).__name__)[:MAX_MESSAGE_CHARS]
         except Exception as exc:
             if isinstance(exc, TimeoutError) and deadline.expired():
                 logger.warning(f"tool {name} timed out after {entry.timeout_secs:g} s")
                 raise ToolCallError(f"{name} did not answer within {entry.timeout_secs:g} seconds.") from None
-            logger.warning(f"tool {name} failed: {exc!r}")
             logger.opt(exception=exc).debug(f"traceback of tool {name}")
-            raise ToolCallError(f"{name} failed: {str(exc) or type(exc).__name__}") from None
-        return result_text(result)
+            return "failed", f"{type(exc).__name__}: {exc}"
 
     async def _answer(self, params: FunctionCallParams) -> None:
         """pipecat handler: every outcome, errors included, goes back through ``result_callback``."""
@@ -212,8 +268,17 @@ class ToolRegistry:
 
 
 def build_registry(tools_config: ToolsSection, *, timeout_secs: float) -> ToolRegistry:
-    """The registry of the tools a config enables (``tools.enabled``), each with ``timeout_secs``."""
+    """The registry of the tools a config enables (``tools.enabled``), each with ``timeout_secs``, run in a sandbox
+    of ``tools.workers`` processes (``close()`` the registry to stop them)."""
     registry = ToolRegistry(timeout_secs=timeout_secs)
-    for tool in enabled_tools(tools_config):
-        registry.add(tool)
+    tools = enabled_tools(tools_config)  # here first: a bad config fails before any worker starts
+    if not tools:
+        return registry
+    sandbox = ToolSandbox(
+        functools.partial(enabled_tools, tools_config),
+        workers=tools_config.workers,
+        memory_mb=tools_config.worker_memory_mb,
+    )
+    for tool in tools:
+        registry.add(tool, sandbox=sandbox)
     return registry

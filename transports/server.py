@@ -6,36 +6,31 @@ Routes: ``GET /`` (the page, transports/static/), ``GET /api/info``, ``GET /heal
 pipeline, built by a :data:`RunBot` function: the real agent by default, anything in tests.
 
 The process loads one engine and one tool registry before it serves, and every session shares
-them. A session holds one of ``config.server.max_sessions`` slots until its pipeline ends; a
-client that stops sending audio for ``config.server.disconnect_timeout_secs`` is hung up on.
+them. Slots, session ids and how calls end are in sessions.py; the token, request limits and
+start-up checks in security.py. A WebRTC answer carries ``session_id`` and ``session_secret``:
+a renegotiation (``POST`` with ``pc_id``) or trickled ICE (``PATCH``) must send the secret back
+as ``session_secret``, so knowing a ``pc_id`` is not enough to take a call over.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import secrets
 import socket
-import time
-import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from aiortc.sdp import SessionDescription
-from fastapi import Depends, FastAPI, HTTPException, Request, WebSocket
+from fastapi import FastAPI, HTTPException, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from loguru import logger
 from mimo_voice.agent.vad import create_vad_analyzer
+from mimo_voice.configs import ConfigError
 from mimo_voice.configs.schema import Config
-from pipecat.frames.frames import InputAudioRawFrame
-from pipecat.observers.base_observer import BaseObserver, FramePushed
-from pipecat.pipeline.worker import PipelineWorker
-from pipecat.processors.frameworks.rtvi.frames import RTVIServerMessageFrame
+from pipecat.frames.frames import LLMMessagesAppendFrame
 from pipecat.transports.base_transport import BaseTransport, TransportParams
 from pipecat.transports.smallwebrtc.connection import SmallWebRTCConnection
 from pipecat.transports.smallwebrtc.request_handler import (
@@ -45,79 +40,26 @@ from pipecat.transports.smallwebrtc.request_handler import (
     SmallWebRTCRequestHandler,
 )
 from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
-from pipecat.workers.runner import WorkerRunner
 from pydantic import BaseModel, Field
 
 from . import phone
-from .metrics import CONTENT_TYPE, ServerMetrics, TurnMetricsObserver
+from .metrics import CONTENT_TYPE, ServerMetrics
+from .security import RequestGuard, check_exposure, resolve_auth_token, uvicorn_config
+from .sessions import BotContext, Refused, RunBot, Session, SessionHub, run_worker
+
+__all__ = ["BotContext", "RunBot", "create_app", "main", "run_agent_bot", "run_worker"]
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 TINY_NOTICE = (
     "tiny: babbles. No weights are configured, so this is the embedded tiny model; set model.path for real answers."
 )
-# How long a new client may take to connect (ICE, DTLS, pipeline start) before its silence counts.
-CONNECT_GRACE_SECS = 10.0
-# How long a hung-up session's pipeline gets to wind down before its task is cancelled.
-BOT_EXIT_GRACE_SECS = 5.0
-
-TransportName = Literal["webrtc", "twilio"]
-
-
-@dataclass
-class BotContext:
-    """What a per-connection bot gets besides its transport. A bot must give ``observers`` to its
-    ``PipelineWorker`` (they count its turns and watch that the client is still there) and should end
-    with :func:`run_worker`."""
-
-    config: Config
-    engine: Any  # mimo_voice.streaming.engine.engine.Engine (None for bots that need none)
-    tools: Any  # mimo_voice.tools.registry.ToolRegistry | None
-    transport_name: TransportName
-    turn_metrics: TurnMetricsObserver
-    activity: InputActivityObserver
-
-    @property
-    def observers(self) -> list[BaseObserver]:
-        """Pass these to the bot's ``PipelineWorker``: metrics, and the liveness watch."""
-        return [self.turn_metrics, self.activity]
-
-
-RunBot = Callable[[BaseTransport, BotContext], Awaitable[None]]
-
-
-class InputActivityObserver(BaseObserver):
-    """Remembers when the client last sent audio: a client that vanishes stops sending it."""
-
-    def __init__(self) -> None:
-        super().__init__(observe_every_push=False)
-        self.last_input = time.monotonic() + CONNECT_GRACE_SECS
-
-    async def on_push_frame(self, data: FramePushed) -> None:
-        if isinstance(data.frame, InputAudioRawFrame):
-            self.last_input = time.monotonic()
-
-    def silent_for(self) -> float:
-        return time.monotonic() - self.last_input
-
-
-async def run_worker(worker: PipelineWorker, transport: BaseTransport, ctx: BotContext) -> None:
-    """Run a bot's worker until the client leaves; every bot ends with this."""
-    ctx.turn_metrics.notify = lambda data: worker.queue_frame(RTVIServerMessageFrame(data=data))
-
-    @transport.event_handler("on_client_disconnected")
-    async def on_client_disconnected(_transport: BaseTransport, _client: Any) -> None:
-        await worker.cancel(reason="client disconnected")
-
-    runner = WorkerRunner(handle_sigint=False)
-    await runner.add_workers(worker)
-    await runner.run()
 
 
 async def run_agent_bot(transport: BaseTransport, ctx: BotContext) -> None:
     """The MiMo-Audio voice agent (agent/pipeline.py) on one connection."""
     from mimo_voice.agent.pipeline import create_worker
 
-    worker, _service = create_worker(
+    worker, service = create_worker(
         transport,
         ctx.config,
         ctx.engine,
@@ -125,114 +67,13 @@ async def run_agent_bot(transport: BaseTransport, ctx: BotContext) -> None:
         observers=ctx.observers,
         tools=ctx.tools,
     )
+
+    async def say_goodbye(note: str) -> None:
+        service.end_after_reply()
+        await worker.queue_frame(LLMMessagesAppendFrame(messages=[{"role": "system", "content": note}], run_llm=True))
+
+    ctx.say_goodbye = say_goodbye
     await run_worker(worker, transport, ctx)
-
-
-@dataclass
-class Session:
-    id: str
-    transport_name: TransportName
-    started: float = field(default_factory=time.monotonic)
-
-
-class SessionHub:
-    """What sessions share (config, engine, tools, metrics, the bot) and the slots they hold."""
-
-    def __init__(self, config: Config, *, engine: Any, tools: Any, run_bot: RunBot, metrics: ServerMetrics) -> None:
-        self.config, self.engine, self.tools, self.run_bot, self.metrics = config, engine, tools, run_bot, metrics
-        self.sessions: dict[str, Session] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    @property
-    def is_full(self) -> bool:
-        return len(self.sessions) >= self.config.server.max_sessions
-
-    def busy_message(self) -> str:
-        limit = self.config.server.max_sessions
-        return f"the server is busy: all {limit} session slot{'s' * (limit != 1)} are in use, try again later"
-
-    def reserve(self, transport_name: TransportName, session_id: str | None = None) -> Session | None:
-        """A slot for a new session, or None (and a refusal counted) when all are taken."""
-        if self.is_full:
-            self.metrics.sessions_refused.inc("capacity")
-            return None
-        session = Session(session_id or uuid.uuid4().hex, transport_name)
-        self.sessions[session.id] = session
-        self.metrics.sessions_active.inc(transport_name)
-        self.metrics.sessions_total.inc(transport_name)
-        return session
-
-    def release(self, session: Session) -> None:
-        if self.sessions.pop(session.id, None) is not None:
-            self.metrics.sessions_active.dec(session.transport_name)
-            lasted = time.monotonic() - session.started
-            logger.info(f"session {session.id} ({session.transport_name}) ended after {lasted:.1f} s")
-
-    def rename(self, session: Session, session_id: str) -> None:
-        self.sessions[session_id] = self.sessions.pop(session.id)
-        session.id = session_id
-
-    def start(self, session: Session, transport: BaseTransport, hang_up: Callable[[], Awaitable[None]]) -> None:
-        """Run the session in the background (WebRTC: signalling returns at once)."""
-        self._tasks.add(asyncio.create_task(self.run(session, transport, hang_up), name=f"session-{session.id}"))
-
-    async def run(self, session: Session, transport: BaseTransport, hang_up: Callable[[], Awaitable[None]]) -> None:
-        """Run the bot until it ends or the client goes silent; then hang up and free the slot."""
-        this = asyncio.current_task()
-        self._tasks.add(this)
-        this.add_done_callback(self._tasks.discard)
-        ctx = BotContext(
-            self.config,
-            self.engine,
-            self.tools,
-            session.transport_name,
-            TurnMetricsObserver(self.metrics, session.transport_name),
-            InputActivityObserver(),
-        )
-        hang_up = _once(hang_up)
-        bot = asyncio.create_task(self.run_bot(transport, ctx), name=f"bot-{session.id}")
-        watchdog = asyncio.create_task(self._watch(ctx.activity))
-        try:
-            await asyncio.wait({bot, watchdog}, return_when=asyncio.FIRST_COMPLETED)
-            if not bot.done():
-                logger.warning(
-                    f"session {session.id}: no audio from the client for {ctx.activity.silent_for():.1f} s, hanging up"
-                )
-                await hang_up()  # the transport reports the client gone, and the bot winds down
-                await asyncio.wait({bot}, timeout=BOT_EXIT_GRACE_SECS)
-        finally:
-            for task in (watchdog, bot):
-                task.cancel()
-            await asyncio.gather(watchdog, bot, return_exceptions=True)
-            if not bot.cancelled() and bot.exception() is not None:
-                logger.opt(exception=bot.exception()).error(f"session {session.id}: the bot failed")
-            try:
-                await hang_up()
-            finally:
-                self.release(session)
-
-    async def _watch(self, activity: InputActivityObserver) -> None:
-        timeout = self.config.server.disconnect_timeout_secs
-        while activity.silent_for() < timeout:
-            await asyncio.sleep(min(0.5, timeout / 4))
-
-    async def close(self) -> None:
-        """Stop every session (server shutdown)."""
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
-def _once(action: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
-    done = False
-
-    async def run_once() -> None:
-        nonlocal done
-        if not done:
-            done = True
-            await action()
-
-    return run_once
 
 
 class OfferBody(BaseModel):
@@ -240,6 +81,7 @@ class OfferBody(BaseModel):
     type: Literal["offer"] = Field(description='Always "offer".')
     pc_id: str | None = Field(None, description="Set when renegotiating an existing connection.")
     restart_pc: bool | None = None
+    session_secret: str | None = Field(None, description="The answer's session_secret; needed with pc_id.")
 
 
 class CandidateBody(BaseModel):
@@ -250,7 +92,8 @@ class CandidateBody(BaseModel):
 
 class PatchBody(BaseModel):
     pc_id: str
-    candidates: list[CandidateBody]
+    session_secret: str = Field(description="The answer's session_secret.")
+    candidates: list[CandidateBody] = Field(max_length=64)
 
 
 def _check_offer_sdp(sdp: str) -> None:
@@ -272,7 +115,7 @@ def create_app(
 ) -> FastAPI:
     """The server of one process. With no ``run_bot`` it serves the real agent: the engine and the tool
     registry are loaded here (blocking) unless given, and an engine loaded here is closed at shutdown."""
-    owned_engine = None
+    owned_engine = owned_tools = None
     if run_bot is None:
         run_bot = run_agent_bot
         if engine is None:
@@ -280,7 +123,8 @@ def create_app(
         if tools is None:
             from mimo_voice.tools.registry import build_registry
 
-            tools = build_registry(config.tools, timeout_secs=config.agent.tool_timeout_secs)
+            tools = owned_tools = build_registry(config.tools, timeout_secs=config.agent.tool_timeout_secs)
+    token = resolve_auth_token(config.server)
     hub = SessionHub(config, engine=engine, tools=tools, run_bot=run_bot, metrics=metrics or ServerMetrics())
     webrtc = SmallWebRTCRequestHandler(ice_servers=config.server.ice_servers or None)
 
@@ -289,11 +133,27 @@ def create_app(
         yield
         await webrtc.close()
         await hub.close()
+        if owned_tools is not None:
+            owned_tools.close()
         if owned_engine is not None:
             await owned_engine.aclose()
 
-    app = FastAPI(title="mimo-voice", lifespan=lifespan)
+    docs = config.server.docs
+    app = FastAPI(
+        title="mimo-voice",
+        lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
     app.state.hub = hub
+    app.state.auth_token = token
+
+    def count_unauthorized(path: str) -> None:
+        if path.startswith("/api/offer"):
+            hub.metrics.sessions_refused.inc("unauthorized")
+
+    app.add_middleware(RequestGuard, token=token, server=config.server, on_unauthorized=count_unauthorized)
     app.add_exception_handler(RequestValidationError, _bad_request)
     _add_page_routes(app, hub)
     _add_signalling_routes(app, hub, webrtc)
@@ -328,7 +188,14 @@ def _add_page_routes(app: FastAPI, hub: SessionHub) -> None:
     @app.get("/health")
     async def health() -> dict[str, Any]:
         sessions = len(hub.sessions)
-        return {"status": "ok", "sessions": sessions, "max_sessions": config.server.max_sessions, "tiny": is_tiny}
+        auth = app.state.auth_token is not None
+        return {
+            "status": "ok",
+            "sessions": sessions,
+            "max_sessions": config.server.max_sessions,
+            "tiny": is_tiny,
+            "auth_required": auth,
+        }
 
     @app.get("/api/info")
     async def info() -> dict[str, Any]:
@@ -338,7 +205,7 @@ def _add_page_routes(app: FastAPI, hub: SessionHub) -> None:
             "notice": TINY_NOTICE if is_tiny else None,
             "mode": config.agent.mode,
             "tools": list(getattr(hub.tools, "names", None) or []),
-            "auth_required": config.server.auth_token is not None,
+            "auth_required": app.state.auth_token is not None,
             "ice_servers": config.server.ice_servers,
             "sessions": len(hub.sessions),
             "max_sessions": config.server.max_sessions,
@@ -353,43 +220,25 @@ def _add_page_routes(app: FastAPI, hub: SessionHub) -> None:
 
 def _add_signalling_routes(app: FastAPI, hub: SessionHub, webrtc: SmallWebRTCRequestHandler) -> None:
     """``POST /api/offer`` (a new call, or a renegotiation by ``pc_id``) and ``PATCH /api/offer`` (trickled ICE)."""
-    config = hub.config
 
-    def require_token(request: Request) -> None:
-        expected = config.server.auth_token
-        if expected is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), expected.encode()):
-            hub.metrics.sessions_refused.inc("unauthorized")
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
-
-    @app.post("/api/offer", dependencies=[Depends(require_token)])
-    async def offer(body: OfferBody) -> dict[str, str]:
+    @app.post("/api/offer")
+    async def offer(body: OfferBody, request: Request) -> dict[str, str]:
+        client = request.client.host if request.client else None
+        _or_http_error(lambda: hub.admit_offer(client))
         _check_offer_sdp(body.sdp)
-        if body.pc_id in hub.sessions:  # renegotiation of a live session: no new slot
-            return await _answer(webrtc, body, _already_running)
-        session = hub.reserve("webrtc")
-        if session is None:
-            raise HTTPException(503, hub.busy_message())
-
-        async def on_connection(connection: SmallWebRTCConnection) -> None:
-            hub.rename(session, connection.pc_id)
-            transport = SmallWebRTCTransport(
-                webrtc_connection=connection, params=TransportParams(audio_in_enabled=True, audio_out_enabled=True)
-            )
-            hub.start(session, transport, connection.disconnect)
-            in_use = f"{len(hub.sessions)}/{config.server.max_sessions}"
-            logger.info(f"session {session.id} (webrtc) started; {in_use} in use")
-
+        if body.pc_id is not None:
+            return await _renegotiate(webrtc, hub, body)
+        session = _or_http_error(lambda: hub.reserve("webrtc", client=client))
         try:
-            return await _answer(webrtc, body, on_connection)
-        except BaseException:
-            hub.release(session)
-            raise
+            return await _new_call(webrtc, hub, session, body)
+        finally:
+            if not session.running:  # refused, failed or never connected: the slot goes back at once
+                hub.release(session)
 
-    @app.patch("/api/offer", dependencies=[Depends(require_token)])
+    @app.patch("/api/offer")
     async def candidates(body: PatchBody) -> dict[str, str]:
+        if hub.find(body.pc_id, body.session_secret) is None:
+            raise HTTPException(404, "no such connection, or the wrong session_secret")
         request = SmallWebRTCPatchRequest(
             pc_id=body.pc_id,
             candidates=[IceCandidate(c.candidate, c.sdp_mid, c.sdp_mline_index) for c in body.candidates],
@@ -403,8 +252,47 @@ def _add_signalling_routes(app: FastAPI, hub: SessionHub, webrtc: SmallWebRTCReq
         return {"status": "ok"}
 
 
-async def _already_running(_connection: SmallWebRTCConnection) -> None:
-    """Renegotiation keeps the connection's session."""
+def _or_http_error(action: Callable[[], Any]) -> Any:
+    try:
+        return action()
+    except Refused as refused:
+        raise HTTPException(refused.status, refused.message) from None
+
+
+async def _new_call(
+    webrtc: SmallWebRTCRequestHandler, hub: SessionHub, session: Session, body: OfferBody
+) -> dict[str, str]:
+    async def on_connection(connection: SmallWebRTCConnection) -> None:
+        transport = SmallWebRTCTransport(
+            webrtc_connection=connection, params=TransportParams(audio_in_enabled=True, audio_out_enabled=True)
+        )
+        hub.start(session, transport, connection.disconnect)
+        in_use = f"{len(hub.sessions)}/{hub.config.server.max_sessions}"
+        logger.info(f"session {session.id} (webrtc) started; {in_use} in use")
+
+    answer = await _answer(webrtc, body.model_copy(update={"restart_pc": False}), on_connection)
+    if not session.running:
+        raise HTTPException(500, "the call could not be started")
+    session.pc_ids.add(answer["pc_id"])
+    return {**answer, "session_id": session.id, "session_secret": session.secret}
+
+
+async def _renegotiate(webrtc: SmallWebRTCRequestHandler, hub: SessionHub, body: OfferBody) -> dict[str, str]:
+    """A new offer on a live call (restart_pc included): the same session and slot, never a new one."""
+    session = hub.find(body.pc_id, body.session_secret)
+    if session is None:
+        raise HTTPException(404, "no such connection, or the wrong session_secret")
+    stray: list[SmallWebRTCConnection] = []
+
+    async def connection_gone(connection: SmallWebRTCConnection) -> None:
+        stray.append(connection)  # pipecat forgot the connection (it closed): no call to renegotiate
+
+    answer = await _answer(webrtc, body, connection_gone)
+    if stray:
+        await stray[0].disconnect()
+        raise HTTPException(409, "the connection has closed: start a new call")
+    session.pc_ids.add(answer["pc_id"])
+    return {**answer, "session_id": session.id, "session_secret": session.secret}
 
 
 async def _answer(
@@ -452,14 +340,15 @@ def main(config: Config, argv: list[str]) -> int:
     argparse.ArgumentParser(prog="mimo-voice serve", description="Run the WebRTC/phone server.").parse_args(argv)
     host, port = config.server.host, config.server.port
     try:
+        check_exposure(config.server, resolve_auth_token(config.server))
         sock = _bind(host, port)  # before the slow part, so that a busy port fails at once
-    except OSError as exc:
+    except (ConfigError, OSError) as exc:
         logger.error(str(exc))
         return 2
     import uvicorn
 
     app = create_app(config)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=config.logging.level.lower()))
+    server = uvicorn.Server(uvicorn_config(app, config.server, log_level=config.logging.level.lower()))
     logger.info(f"open http://{host}:{sock.getsockname()[1]}/ to talk to the agent")
     with sock:
         server.run(sockets=[sock])

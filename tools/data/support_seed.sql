@@ -5,9 +5,10 @@
 PRAGMA foreign_keys = ON;
 
 CREATE TABLE customers (
-    id    TEXT PRIMARY KEY,
-    name  TEXT NOT NULL,
-    email TEXT NOT NULL UNIQUE
+    id       TEXT PRIMARY KEY,
+    name     TEXT NOT NULL,
+    email    TEXT NOT NULL UNIQUE,
+    postcode TEXT NOT NULL          -- with the email, what a caller gives to prove an order is theirs
 );
 
 CREATE TABLE orders (
@@ -29,6 +30,12 @@ CREATE TABLE order_items (
     unit_price_cents INTEGER NOT NULL CHECK (unit_price_cents >= 0)
 );
 
+-- Failed attempts to prove an order is the caller's: a few per order per hour, then look-ups of it are refused.
+CREATE TABLE failed_proofs (
+    order_id  TEXT NOT NULL,
+    failed_at TEXT NOT NULL
+);
+
 CREATE TABLE tickets (
     id         INTEGER PRIMARY KEY AUTOINCREMENT,
     order_id   TEXT REFERENCES orders(id),
@@ -38,11 +45,11 @@ CREATE TABLE tickets (
     created_at TEXT NOT NULL
 );
 
-INSERT INTO customers (id, name, email) VALUES
-    ('C001', 'Ana Garcia',   'ana.garcia@example.com'),
-    ('C002', 'Wei Zhang',    'wei.zhang@example.com'),
-    ('C003', 'Priya Nair',   'priya.nair@example.com'),
-    ('C004', 'Tom Becker',   'tom.becker@example.com');
+INSERT INTO customers (id, name, email, postcode) VALUES
+    ('C001', 'Ana Garcia',   'ana.garcia@example.com', '28013'),
+    ('C002', 'Wei Zhang',    'wei.zhang@example.com',  'SW1A 1AA'),
+    ('C003', 'Priya Nair',   'priya.nair@example.com', '560001'),
+    ('C004', 'Tom Becker',   'tom.becker@example.com', '10115');
 
 INSERT INTO orders (id, customer_id, placed_on, status, carrier, tracking_number, estimated_delivery) VALUES
     ('A1001', 'C001', '2025-05-26', 'delivered',  'DHL',  'JD014600003512', '2025-05-29'),

@@ -30,7 +30,7 @@ from typing import Any
 
 import uvicorn
 from loguru import logger
-from mimo_voice.configs import Config
+from mimo_voice.configs import Config, ConfigError
 from mimo_voice.configs.logging import setup_logging
 from mimo_voice.streaming.bench.report import (
     ProgressBar,
@@ -42,6 +42,7 @@ from mimo_voice.streaming.bench.report import (
     write_json,
 )
 
+from ..security import resolve_auth_token
 from .caller import Caller, CallResult
 from .metrics import TURN_STAGES, CallAnalysis, Totals, analyse_call, pool
 from .scenario import Fixture, FixtureFactory, Scenario, ScenarioError, load_scenario, packaged_scenarios
@@ -102,9 +103,15 @@ def main(config: Config, argv: Sequence[str]) -> int:
     except ScenarioError as exc:
         print(f"{COMMAND}: {exc}", file=sys.stderr)
         return 2
-    token = args.token or config.server.auth_token
-    if not args.url and config.server.max_sessions < args.callers:
-        config = config.model_copy(update={"server": config.server.model_copy(update={"max_sessions": args.callers})})
+    try:
+        token = args.token or resolve_auth_token(config.server)
+    except ConfigError as exc:
+        print(f"{COMMAND}: {exc}", file=sys.stderr)
+        return 2
+    if not args.url:  # every simulated caller comes from this machine's address
+        callers = max(args.callers, config.server.max_sessions)
+        limits = {"max_sessions": callers, "max_sessions_per_client": callers, "max_offers_per_minute": 10 * callers}
+        config = config.model_copy(update={"server": config.server.model_copy(update=limits)})
     try:
         with contextlib.ExitStack() as stack:
             url = args.url or stack.enter_context(local_server(config))

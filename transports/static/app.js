@@ -7,7 +7,7 @@ const RTVI = { label: "rtvi-ai", version: "2.2.0" };
 const $ = (id) => document.getElementById(id);
 
 const state = {
-  info: null, pc: null, channel: null, mic: null, pcId: null, sentOffer: false, pendingCandidates: [],
+  info: null, pc: null, channel: null, mic: null, pcId: null, sessionSecret: null, sentOffer: false, pendingCandidates: [],
   status: "idle", botReady: false, mode: "non_thinking",
   userTurns: 0, botTurns: 0, latencies: [], toolCalls: [], errors: [],
   userItem: null, agentItem: null, toolItems: new Map(), statsTimer: null,
@@ -158,7 +158,8 @@ function gatheringDone(pc, timeoutMs) {
 async function sendCandidates() {
   if (!state.pcId || !state.pendingCandidates.length) return;
   const candidates = state.pendingCandidates.splice(0);
-  await signal("PATCH", { pc_id: state.pcId, candidates }).catch((error) => showError(error.message));
+  const body = { pc_id: state.pcId, session_secret: state.sessionSecret, candidates };
+  await signal("PATCH", body).catch((error) => showError(error.message));
 }
 
 async function connect() {
@@ -193,6 +194,7 @@ async function connect() {
     state.sentOffer = true;
     const answer = await signal("POST", { sdp: pc.localDescription.sdp, type: "offer" });
     state.pcId = answer.pc_id;
+    state.sessionSecret = answer.session_secret; // renegotiation and trickled ICE must prove the call is ours
     await pc.setRemoteDescription({ sdp: answer.sdp, type: answer.type });
     await sendCandidates();
     state.statsTimer = setInterval(updateMeters, 250);
@@ -210,7 +212,9 @@ function disconnect(reason = "idle") {
   clearInterval(state.statsTimer);
   state.pc?.close();
   state.mic?.getTracks().forEach((track) => track.stop());
-  Object.assign(state, { pc: null, channel: null, mic: null, pcId: null, sentOffer: false, botReady: false });
+  Object.assign(state, {
+    pc: null, channel: null, mic: null, pcId: null, sessionSecret: null, sentOffer: false, botReady: false,
+  });
   state.pendingCandidates = [];
   $("talk").textContent = "Start talking";
   $("talk").classList.remove("live");
@@ -253,18 +257,30 @@ async function stats() {
 // --- start-up -----------------------------------------------------------------------------
 
 async function loadInfo() {
-  const info = (state.info = await (await fetch("/api/info")).json());
+  // With a token, /api/info needs it too: /health says whether one is required.
+  const health = await (await fetch("/health")).json();
+  $("token-field").hidden = !health.auth_required;
+  if (health.auth_required && !$("token").value.trim()) {
+    setStatus("enter the access token");
+    return null;
+  }
+  const response = await fetch("/api/info", { headers: authHeaders() });
+  if (!response.ok) {
+    setStatus(response.status === 401 ? "wrong access token" : `server error ${response.status}`);
+    return null;
+  }
+  const info = (state.info = await response.json());
   $("model").textContent = info.tiny ? "tiny model" : info.model;
   $("model").classList.toggle("tiny", info.tiny);
   $("notice").hidden = !info.notice;
   $("notice").textContent = info.notice || "";
-  $("token-field").hidden = !info.auth_required;
   state.mode = info.mode;
   document.querySelector(`input[name=mode][value=${info.mode}]`).checked = true;
   $("talk").disabled = false;
   return info;
 }
 
+$("token").addEventListener("change", () => loadInfo().catch((error) => showError(error.message)));
 $("talk").addEventListener("click", () => (state.pc ? disconnect() : connect()));
 $("mode").addEventListener("change", (event) => sendMode(event.target.value));
 window.mimo = { connect, disconnect, stats, ready: loadInfo().catch((error) => showError(error.message)) };
