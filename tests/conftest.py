@@ -1,6 +1,34 @@
-"""Shared fixtures. Several test modules add session-scoped tiny checkpoints here."""
+"""Shared fixtures, and the test tiers: every test is marked ``unit``, ``engine`` or ``e2e`` by its module.
+
+- ``e2e``: a real server with WebRTC, phone or browser clients, or ``bench live``;
+- ``engine``: loads the tiny engine (a worker process with the trained tiny preset), or uses a fixture that does;
+- ``unit``: everything else (no engine process; small models built in memory at most).
+
+``scripts/dev test -m unit`` runs the fast tier.
+"""
 
 import pytest
+
+E2E_MODULES = {"test_transports_browser", "test_transports_webrtc", "test_transports_twilio", "test_bench_live"}
+ENGINE_MODULES = {
+    "test_engine",
+    "test_engine_bench",
+    "test_session_turns",
+    "test_session_cache",
+    "test_session_context",
+    "test_agent_engine",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.module.__name__ if item.module else ""
+        if module in E2E_MODULES:
+            item.add_marker(pytest.mark.e2e)
+        elif module in ENGINE_MODULES or "tiny_engine" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.engine)
+        else:
+            item.add_marker(pytest.mark.unit)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import numpy as np
 from agent_harness import FakeEngine, FakeTransport, Harness, ScriptedSession, input_frames, spoken, wait_until
@@ -97,7 +98,8 @@ async def test_a_spoken_question_gets_a_spoken_answer():
     assert ttfb.value >= call.config.vad.stop_secs  # back-dated to the end of speech
 
 
-async def _talk_over_the_bot(utterance: np.ndarray) -> Call:
+async def _talk_over_the_bot(utterance: np.ndarray, settled: Callable[[Call], bool], what: str) -> Call:
+    """Says ``utterance`` while the bot's long answer plays, then waits until ``settled(call)``."""
     call = Call([spoken(["Hi"]), spoken([f" w{i}" for i in range(15)])])  # the second answer lasts 2.4 s
     async with call:
         await call.caller(0.3, "Hello", 1.0)
@@ -108,12 +110,16 @@ async def _talk_over_the_bot(utterance: np.ndarray) -> Call:
         for frame in input_frames(np.concatenate([utterance, np.zeros(16000, np.int16)])):
             await call.transport.input().push_audio_frame(frame)
             await asyncio.sleep(0.005)
-        await asyncio.sleep(0.3)
+        await wait_until(lambda: settled(call), what=what)
     return call
 
 
 async def test_talking_over_the_bot_interrupts_it_and_rolls_back_to_what_was_heard():
-    call = await _talk_over_the_bot(say("No, stop right there please", 16000))
+    call = await _talk_over_the_bot(
+        say("No, stop right there please", 16000),
+        lambda call: len(call.session.called("respond")) >= 3,
+        "the barge-in to be answered",
+    )
     cancels = call.session.called("cancel")
     assert len(cancels) == 1
     played = cancels[0][1]
@@ -125,7 +131,13 @@ async def test_talking_over_the_bot_interrupts_it_and_rolls_back_to_what_was_hea
 
 async def test_a_short_sound_over_the_bot_does_not_interrupt_it_and_is_discarded():
     blip = say("Hm", 16000)[: int(0.15 * 16000)]
-    call = await _talk_over_the_bot(blip)
+    call = await _talk_over_the_bot(  # settled: the blip dropped and the long answer played to its end
+        blip,
+        lambda call: (
+            bool(call.session.called("discard_user_audio")) and call.output_events(BotStoppedSpeakingFrame) == 2
+        ),
+        "the blip to be discarded and the answer to finish",
+    )
     assert not call.session.called("cancel")
     assert call.session.called("discard_user_audio")  # the VAD heard it; it never became a turn
     assert len(call.session.called("respond")) == 2

@@ -185,10 +185,16 @@ async def test_bad_arguments_reach_the_model_as_an_error():
 async def test_a_model_that_keeps_calling_tools_is_stopped():
     bad = tool_call('{"name": "nope", "arguments": {}}')
     agent = Agent([bad, bad, bad, bad, spoken(["never"])], tools=registry())
-    async with agent:
-        await agent.user_says()
-        await agent.responses_done(4)
-        await asyncio.sleep(0.5)  # room for a fifth answer, if the cap did not hold
+    warnings: list[str] = []
+    sink = logger.add(warnings.append, level="WARNING", format="{message}")
+    try:
+        async with agent:
+            await agent.user_says()
+            await agent.responses_done(4)
+            # The service's decision not to answer the fourth call is the event to wait for, not a pause.
+            await wait_until(lambda: any("tool calls in one turn" in w for w in warnings), what="the cap")
+    finally:
+        logger.remove(sink)
     assert len(agent.session.called("respond")) == 4
     assert len(agent.session.called("add_text")) == 3
 

@@ -9,10 +9,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
-pytestmark = pytest.mark.unit
-
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "mimo_voice"
 FOLDERS = ("agent", "configs", "streaming", "tools", "transports")

@@ -1,3 +1,5 @@
+"""Audio helpers: PCM conversions, resampling to 24 kHz and the log-mel front end."""
+
 import numpy as np
 import pytest
 import torch

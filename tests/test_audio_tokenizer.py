@@ -1,3 +1,5 @@
+"""The audio tokenizer: official config and key names, encode/decode shapes and numerics, bad input."""
+
 import importlib.util
 import json
 import re

@@ -1,3 +1,5 @@
+"""Checkpoint loading: sharded safetensors, strict key and shape checks with clear errors."""
+
 import json
 
 import pytest

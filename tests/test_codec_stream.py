@@ -1,3 +1,5 @@
+"""Codec streaming: the incremental encoder and the streaming decoder against whole-clip results."""
+
 import numpy as np
 import pytest
 import torch

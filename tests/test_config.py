@@ -1,3 +1,5 @@
+"""The YAML configuration: packaged configs, overrides, validation messages."""
+
 from pathlib import Path
 
 import pytest

@@ -1,3 +1,5 @@
+"""The MiMo-Audio LLM: shapes, key names, patch encoder/decoder behaviour, KV cache, `model info`."""
+
 import json
 import shutil
 from pathlib import Path

@@ -1,3 +1,5 @@
+"""Packaging: the folders install as `mimo_voice.*` subpackages with their data files."""
+
 import importlib
 import subprocess
 import sys

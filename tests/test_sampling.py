@@ -1,3 +1,5 @@
+"""The sampler: upstream's order of temperature, top-k, top-p and bans, and its fast paths."""
+
 import pytest
 import torch
 from mimo_voice.streaming.model.sampling import Sampler, SamplingParams

@@ -1,3 +1,5 @@
+"""The text tokenizer: the tiny stand-in, special tokens, loading a checkpoint's tokenizer."""
+
 import json
 
 import pytest

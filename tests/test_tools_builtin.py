@@ -1,3 +1,5 @@
+"""Built-in tools: current time, calculator, end of call."""
+
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 

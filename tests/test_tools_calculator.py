@@ -1,3 +1,5 @@
+"""The calculator tool: safe arithmetic, spellings a speech model writes, size limits."""
+
 import math
 import time
 

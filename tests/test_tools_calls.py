@@ -1,3 +1,5 @@
+"""Tool calls as the model writes them: parsing, malformed calls, the tools prompt."""
+
 import json
 import re
 

@@ -1,3 +1,5 @@
+"""The tool registry: langchain-core tools, pipecat functions, validation, timeouts, config."""
+
 import asyncio
 import json
 from dataclasses import dataclass, field

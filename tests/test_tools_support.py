@@ -1,3 +1,5 @@
+"""The support demo tools: order look-up and tickets on their sqlite database."""
+
 import json
 import sqlite3
 from contextlib import closing

@@ -47,6 +47,7 @@ def _common_options(after_command: bool) -> argparse.ArgumentParser:
         "-c",
         "--config",
         dest=f"config{suffix}",
+        metavar="CONFIG",
         default=unset(None),
         help="YAML file, or the name of a packaged config (default, support, phone)",
     )
@@ -60,7 +61,7 @@ def _common_options(after_command: bool) -> argparse.ArgumentParser:
         help="override any config field, e.g. --set agent.mode=thinking (repeatable)",
     )
     common.add_argument(
-        "-v", "--verbose", dest=f"verbose{suffix}", action="store_true", default=unset(False), help="log at DEBUG"
+        "-v", "--verbose", dest=f"verbose{suffix}", action="store_true", default=unset(False), help="log at DEBUG level"
     )
     return common
 

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from mimo_voice.configs import Config
 
 from .events import Event, Turn
 
@@ -32,7 +33,7 @@ class Setup:
     """The first message: what to load. ``sys_path`` lets callables sent later (a test's text hook) unpickle."""
 
     sys_path: list[str]
-    config: Any  # mimo_voice.configs.Config (kept as Any: the engine's boundary does not depend on the schema)
+    config: Config
     llm_path: Path
     codec_path: Path
     voice_prompt: np.ndarray | None

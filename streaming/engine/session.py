@@ -102,7 +102,7 @@ class Session:
     async def feed_codes(self, codes: torch.Tensor | np.ndarray) -> None:
         """User speech already encoded by the MiMo audio tokenizer (``[frames, 8]`` codes at 25 Hz), e.g. by a
         client or a batched encoder; it joins the user turn exactly like encoded audio."""
-        self._cast(FeedCodes(session_id=self._id, codes=check_codes(codes, self._engine.codebook_sizes)))
+        self._cast(FeedCodes(session_id=self._id, codes=check_codes(codes, self._engine.codebook_sizes).cpu()))
 
     def respond(self) -> AsyncIterator[Event]:
         """Ends the user turn and streams the assistant's: events up to and including a TurnEnd."""
