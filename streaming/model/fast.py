@@ -1,0 +1,496 @@
+"""The MiMo-Audio hot path for serving: the backbone, patch encoder and patch decoder rewritten as
+few, large ops over weights fused at build time, a static KV pool with per-row positions, batched
+steps over sessions at different lengths, sync-free sampling, and CUDA graphs for the patch decoder.
+
+``MiMoAudioForCausalLM`` (official names, transformers' Qwen2 layers) stays the reference: this
+module reads its weights once (q/k/v -> one matrix with one bias, gate/up -> one matrix; the patch
+decoder's 8 heads -> one padded [channels, width, local_dim] stack) and must agree with it (fp32
+logits within 1e-4, greedy tokens and codes identical). Everything here runs under
+``torch.inference_mode`` and reads no tensor value on the host: the caller decides text vs audio
+from CPU-side ids and reads each step's text tokens with one ``tolist()``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from mimo_voice.configs.schema import SamplerParams
+from torch import Tensor
+
+from .configuration_mimo_audio import ConfigError
+from .fast_sampling import RowSampling, best_allowed, sample_rows
+from .kv_pool import KVPool
+from .modeling_mimo_audio import MiMoAudioForCausalLM
+
+logger = logging.getLogger(__name__)
+
+Compile = Literal["auto", "on", "off"]
+HeadPrecision = Literal["auto", "model", "bf16", "int8"]
+PatchSampling = RowSampling | SamplerParams
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+@dataclass
+class StepOutput:
+    text_logits: Tensor  # [B, vocab] float32, at each row's last new position
+    local_in: Tensor  # [B, local_dim]: the patch decoder's first input for each row
+
+
+# --- fused weights ---
+
+
+@dataclass
+class _Layer:
+    """One Qwen2 decoder layer with fused projections."""
+
+    qkv_weight: Tensor
+    qkv_bias: Tensor
+    o_weight: Tensor
+    gate_up_weight: Tensor
+    down_weight: Tensor
+    input_norm: Tensor
+    post_norm: Tensor
+
+
+@dataclass
+class _Stack:
+    """A Qwen2 stack's fused layers and the shapes its forward needs."""
+
+    layers: list[_Layer]
+    norm: Tensor
+    eps: float
+    heads: int
+    kv_heads: int
+    head_dim: int
+    inv_freq: Tensor  # float32, as transformers' default RoPE computes it
+
+    @classmethod
+    def from_qwen2(cls, model: torch.nn.Module) -> _Stack:
+        config = model.config
+        if config.hidden_act != "silu":
+            raise ConfigError(f"the fast path implements the silu MLP only, got {config.hidden_act!r}")
+        layers = []
+        for layer in model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            layers.append(
+                _Layer(
+                    qkv_weight=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
+                    qkv_bias=torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]),
+                    o_weight=attn.o_proj.weight.detach(),
+                    gate_up_weight=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
+                    down_weight=mlp.down_proj.weight.detach(),
+                    input_norm=layer.input_layernorm.weight.detach(),
+                    post_norm=layer.post_attention_layernorm.weight.detach(),
+                )
+            )
+        return cls(
+            layers=layers,
+            norm=model.norm.weight.detach(),
+            eps=config.rms_norm_eps,
+            heads=config.num_attention_heads,
+            kv_heads=config.num_key_value_heads,
+            head_dim=config.head_dim,
+            inv_freq=model.rotary_emb.inv_freq.float(),  # the model's own, so every device rounds alike
+        )
+
+    def rope_table(self, positions: int, dtype: torch.dtype) -> Tensor:
+        """[positions, 2, head_dim]: cos, and sin with rotate_half's sign folded in, at positions 0...;
+        computed as transformers does (float32 angles), then cast like its ``position_embeddings``."""
+        angles = torch.arange(positions, device=self.inv_freq.device).float()[:, None] * self.inv_freq
+        angles = torch.cat([angles, angles], dim=-1)
+        half = self.head_dim // 2
+        sin = angles.sin()
+        sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
+        return torch.stack([angles.cos(), sin], dim=1).to(dtype)
+
+
+def _norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Qwen2's RMSNorm: normalise in float32, cast back to the input dtype, then scale."""
+    if x.dtype == weight.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)
+    return weight * F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)
+
+
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``x * cos + rotate_half(x) * sin`` (``sin`` carries rotate_half's signs), on [..., head_dim]."""
+    return x * cos + x.unflatten(-1, (2, -1)).flip(-2).flatten(-2) * sin
+
+
+def _qkv(stack: _Stack, layer: _Layer, x: Tensor, rope: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """[B, T, D] -> q [B, heads, T, hd], k and v [B, kv_heads, T, hd]; ``rope`` [B or 1, T, 2, hd]."""
+    batch, length, _ = x.shape
+    qkv = F.linear(_norm(x, layer.input_norm, stack.eps), layer.qkv_weight, layer.qkv_bias)
+    qk_heads = stack.heads + stack.kv_heads
+    qk = qkv[..., : qk_heads * stack.head_dim].view(batch, length, qk_heads, stack.head_dim)
+    qk = _rope(qk, rope[:, :, None, 0], rope[:, :, None, 1]).transpose(1, 2)
+    v = qkv[..., qk_heads * stack.head_dim :].view(batch, length, stack.kv_heads, stack.head_dim).transpose(1, 2)
+    return qk[:, : stack.heads], qk[:, stack.heads :], v
+
+
+def _finish_layer(stack: _Stack, layer: _Layer, x: Tensor, attn: Tensor) -> Tensor:
+    """Output projection, residual, MLP, residual. ``attn`` [B, heads, T, hd]."""
+    x = x + F.linear(attn.transpose(1, 2).flatten(2), layer.o_weight)
+    gate, up = F.linear(_norm(x, layer.post_norm, stack.eps), layer.gate_up_weight).chunk(2, dim=-1)
+    return x + F.linear(F.silu(gate) * up, layer.down_weight)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, gqa: bool) -> Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+
+
+# --- lm_head ---
+
+
+class _Head:
+    """The 151,680-row text head: x [B, hidden] -> float32 logits, in the precision chosen at build."""
+
+    def __init__(self, weight: Tensor, precision: HeadPrecision):
+        if precision == "auto":
+            # bf16 on CUDA; on the CPU int8 weight-only reads a quarter of fp32's bytes and was measured fastest
+            # for batch 1-4 (README, "Fast path"); fp32/bf16 models keep the model dtype on other devices.
+            precision = "int8" if weight.device.type == "cpu" and weight.dtype == torch.float32 else "bf16"
+            if weight.device.type == "cuda":
+                precision = "bf16"
+        self.precision = precision
+        if precision == "int8":
+            scale = weight.float().abs().amax(dim=1).clamp_min(1e-12) / 127.0
+            self.weight = (weight.float() / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+            self.scale = scale.to(torch.bfloat16)
+        elif precision == "bf16":
+            self.weight = weight.detach().to(torch.bfloat16)
+        elif precision == "model":
+            self.weight = weight.detach()
+        else:
+            raise ValueError(f"head precision must be auto, model, bf16 or int8, got {precision!r}")
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.precision == "int8":
+            return torch._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scale).float()
+        return F.linear(x.to(self.weight.dtype), self.weight).float()
+
+
+# --- the fast model ---
+
+
+class FastMiMoAudio:
+    """The MiMo-Audio hot path with few, large ops, built from a loaded ``MiMoAudioForCausalLM``
+    (the original module keeps the official names and stays usable as the reference)."""
+
+    def __init__(
+        self,
+        model: MiMoAudioForCausalLM,
+        pool: KVPool,
+        *,
+        compile: Compile = "auto",
+        head_precision: HeadPrecision = "model",
+    ) -> None:
+        config = model.config
+        if pool.config.num_hidden_layers != config.num_hidden_layers or pool.capacity < 1:
+            raise ValueError("the KV pool was built for another model")
+        self.config, self.pool = config, pool
+        self.device, self.dtype = model.device, model.hidden_states_downcast.weight.dtype
+        if pool.device != self.device or pool.dtype != self.dtype:
+            raise ValueError(f"KV pool on {pool.device}/{pool.dtype}, model on {self.device}/{self.dtype}")
+        self.empty_id = model.special_tokens.empty
+        with torch.inference_mode():
+            self._build(model, head_precision)
+        self.compile = _resolve_compile(compile, self.device)
+        self._graphs: dict[int, _PatchGraph] = {}
+        if self.compile:
+            self._capture_patch_graphs(max(1, pool.slots))
+
+    @torch.inference_mode()
+    def _build(self, model: MiMoAudioForCausalLM, head_precision: HeadPrecision) -> None:
+        config = self.config
+        self.backbone = _Stack.from_qwen2(model.model)
+        self.encoder = _Stack.from_qwen2(model.input_local_transformer)
+        self.decoder = _Stack.from_qwen2(model.local_transformer)
+        self.embed_tokens = model.model.embed_tokens.weight.detach()
+        self.lm_head = _Head(model.lm_head.weight, head_precision)
+        self.downcast = model.hidden_states_downcast.weight.detach()
+        self.group_downcast = model.speech_group_downcast.weight.detach()
+        to_local = model.speech_embeddings_to_local
+        self.to_local = None if to_local is None else to_local.weight.detach()
+        self.backbone_rope = self.backbone.rope_table(self.pool.capacity, self.dtype)
+        # The patch encoder is fed bfloat16 channel sums, so transformers casts its RoPE table to bfloat16.
+        self.encoder_rope = self.encoder.rope_table(config.group_size, torch.bfloat16).to(self.dtype)[None]
+        self.decoder_rope = self.decoder.rope_table(config.patch_steps, self.dtype)[None]
+        # All channels' speech embeddings in one table; a code's row is offset[channel] + code.
+        tables = [table.weight.detach() for table in model.speech_embeddings]
+        sizes = config.speech_vocab_sizes
+        self.code_offsets = torch.tensor([sum(sizes[:c]) for c in range(len(sizes))], device=self.device)
+        self.speech_table = torch.cat(tables)
+        masked = self.speech_table.clone()  # the patch encoder adds nothing for a channel's empty id
+        masked[self.code_offsets + torch.tensor(config.speech_empty_ids, device=self.device)] = 0.0
+        self.speech_table_masked = masked
+        # The patch decoder's heads padded to one width; padding is -inf, the greedy bias bans the empty ids too.
+        width = max(sizes)
+        self.head_stack = torch.zeros(len(sizes), width, config.local_dim, device=self.device, dtype=self.dtype)
+        pad = torch.zeros(len(sizes), 1, width, device=self.device, dtype=self.dtype)
+        self.empty_ban = torch.zeros(len(sizes), 1, width, dtype=torch.bool, device=self.device)
+        for channel, (head, size, empty) in enumerate(
+            zip(model.local_transformer_lm_heads, sizes, config.speech_empty_ids)
+        ):
+            self.head_stack[channel, :size] = head.weight
+            pad[channel, 0, size:] = float("-inf")
+            self.empty_ban[channel, 0, empty] = True
+        self.head_stack_t = self.head_stack.transpose(1, 2)
+        self.head_bias = pad
+        self.head_bias_greedy = pad.masked_fill(self.empty_ban, float("-inf"))
+        self.channel_ranges = model._schedule.channel_ranges
+        self.frame_major = torch.tensor(model._schedule.frame_major, device=self.device)
+        self.speech_sizes_cpu = torch.tensor(sizes)
+
+    # --- inputs ---
+
+    def _check_ids(self, text_ids: Tensor, codes: Tensor, batch_shape: tuple[int, ...], check_codes: bool) -> list[int]:
+        """Shapes and id ranges, on the CPU; returns the text ids as ints. A step's codes are not read
+        (they come from :meth:`decode_patch`, which samples only valid ids), so that nothing syncs."""
+        config = self.config
+        want = (*batch_shape, config.group_size, config.audio_channels)
+        if tuple(text_ids.shape) != batch_shape or tuple(codes.shape) != want:
+            raise ValueError(
+                f"expected text ids {list(batch_shape)} and codes {list(want)}, "
+                f"got {list(text_ids.shape)} and {list(codes.shape)}"
+            )
+        ids = text_ids.tolist()  # callers pass CPU ids: no sync
+        if min(ids) < 0 or max(ids) >= config.vocab_size:
+            raise ValueError(f"text ids must lie in [0, {config.vocab_size})")
+        if check_codes:
+            audio = [i for i, token in enumerate(ids) if token == self.empty_id]
+            picked = codes[audio]
+            if len(audio) and (picked.min() < 0 or (picked >= self.speech_sizes_cpu).any()):
+                raise ValueError(
+                    f"audio codes must lie in [0, vocab size of their channel {config.speech_vocab_sizes})"
+                )
+        return ids
+
+    def _embed(self, ids: list[int], codes: Tensor) -> Tensor:
+        """Text ids (as ints) and codes [N, group, channels] -> [N, hidden] backbone inputs."""
+        audio = [i for i, token in enumerate(ids) if token == self.empty_id]
+        if len(audio) == len(ids):
+            return self.embed_patches(codes.to(self.device, non_blocking=True)).to(self.dtype)
+        text = torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)
+        embeds = F.embedding(text, self.embed_tokens)
+        if not audio:
+            return embeds
+        index = torch.tensor(audio, dtype=torch.long).to(self.device, non_blocking=True)
+        patches = self.embed_patches(codes.to(self.device, non_blocking=True).index_select(0, index))
+        return embeds.index_copy(0, index, patches.to(embeds.dtype))
+
+    def embed_patches(self, codes: Tensor) -> Tensor:
+        """The patch encoder, batched over N patches: codes [N, group, channels] -> [N, hidden]."""
+        n, _, channels = codes.shape
+        rows = F.embedding(codes + self.code_offsets, self.speech_table_masked)  # [N, group, channels, dim]
+        # The channel sum is rounded to bfloat16 after every addition, whatever the model dtype, as upstream does.
+        frames = rows[:, :, 0].to(torch.bfloat16)
+        for channel in range(1, channels):
+            frames += rows[:, :, channel]
+        x = frames
+        stack, rope = self.encoder, self.encoder_rope
+        causal = not self.config.input_full_attention
+        for layer in stack.layers:
+            q, k, v = _qkv(stack, layer, x, rope)
+            x = _finish_layer(stack, layer, x, _attend(q, k, v, None, causal, False))
+        x = _norm(x, stack.norm, stack.eps)
+        return F.linear(x.reshape(n, -1), self.group_downcast)
+
+    # --- backbone ---
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, text_ids: Tensor, codes: Tensor) -> StepOutput:
+        """Append T positions (text_ids Long[T], codes Long[T, group, channels]) to ``slot``; returns the
+        output at the last one (B=1)."""
+        if text_ids.dim() != 1 or text_ids.shape[0] == 0:
+            raise ValueError(f"expected text ids [T>0], got shape {list(text_ids.shape)}")
+        count = text_ids.shape[0]
+        ids = self._check_ids(text_ids.cpu(), codes, (count,), check_codes=codes.device.type == "cpu")
+        start = self.pool.length(slot)
+        if start + count > self.pool.capacity:
+            raise ValueError(f"slot {slot} holds {start} of {self.pool.capacity} positions: no room for {count} more")
+        x = self._embed(ids, codes)[None]
+        rope = self.backbone_rope[start : start + count][None]
+        end = start + count
+        mask = None
+        if start:
+            keys = torch.arange(end, device=self.device)
+            mask = keys[None] <= torch.arange(start, end, device=self.device)[:, None]
+        stack = self.backbone
+        for index, layer in enumerate(stack.layers):
+            q, k, v = _qkv(stack, layer, x, rope)
+            pool_k, pool_v = self.pool.layer(index)
+            pool_k[slot, :, start:end] = k[0]
+            pool_v[slot, :, start:end] = v[0]
+            window_k, window_v = pool_k[slot : slot + 1, :, :end], pool_v[slot : slot + 1, :, :end]
+            attn = _attend(q, window_k, window_v, mask, causal=not start, gqa=True)
+            x = _finish_layer(stack, layer, x, attn)
+        self.pool._advance([slot], count)
+        return self._outputs(x[:, -1])
+
+    @torch.inference_mode()
+    def step(self, slots: Sequence[int], text_ids: Tensor, codes: Tensor) -> StepOutput:
+        """One new position per row (rows may sit at different lengths): text_ids Long[B] (CPU),
+        codes Long[B, group, channels]. Row i equals ``prefill(slots[i], text_ids[i:i+1], codes[i:i+1])``."""
+        slots = list(slots)
+        batch = len(slots)
+        if batch == 0 or len(set(slots)) != batch:
+            raise ValueError(f"step needs distinct slots, got {slots}")
+        ids = self._check_ids(text_ids.cpu(), codes, (batch,), check_codes=False)
+        lengths = self.pool.lengths(slots)
+        if max(lengths) >= self.pool.capacity:
+            raise ValueError(f"a slot is full ({self.pool.capacity} positions)")
+        x = self._embed(ids, codes)[:, None]
+        positions = torch.tensor(lengths, dtype=torch.long).to(self.device, non_blocking=True)
+        rope = self.backbone_rope.index_select(0, positions)[:, None]
+        span = max(lengths) + 1
+        mask = (torch.arange(span, device=self.device) <= positions[:, None])[:, None, None]
+        first = min(slots)
+        packed = slots == list(range(first, first + batch))  # a view of the pool, no copy
+        rows = torch.tensor(slots, dtype=torch.long).to(self.device, non_blocking=True)
+        stack = self.backbone
+        for index, layer in enumerate(stack.layers):
+            q, k, v = _qkv(stack, layer, x, rope)
+            pool_k, pool_v = self.pool.layer(index)
+            pool_k[rows, :, positions] = k[:, :, 0]
+            pool_v[rows, :, positions] = v[:, :, 0]
+            if packed:
+                window_k, window_v = pool_k[first : first + batch, :, :span], pool_v[first : first + batch, :, :span]
+            else:
+                window_k, window_v = pool_k[rows, :, :span], pool_v[rows, :, :span]
+            x = _finish_layer(stack, layer, x, _attend(q, window_k, window_v, mask, causal=False, gqa=True))
+        for slot in slots:
+            self.pool._lengths[slot] += 1
+        self.pool.lengths_device.index_add_(0, rows, torch.ones_like(rows))
+        return self._outputs(x[:, -1])
+
+    def _outputs(self, last: Tensor) -> StepOutput:
+        """The final norm, lm_head and downcast at each row's last position only."""
+        hidden = _norm(last, self.backbone.norm, self.backbone.eps)
+        return StepOutput(text_logits=self.lm_head(hidden), local_in=F.linear(hidden, self.downcast))
+
+    # --- sampling ---
+
+    @torch.inference_mode()
+    def sample_text(
+        self,
+        logits: Tensor,
+        sampling: PatchSampling,
+        banned: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Text tokens Long[B] on the device, sync-free; ``banned`` bool [B, vocab] or [vocab]."""
+        rows = (
+            sampling if isinstance(sampling, RowSampling) else RowSampling.build(sampling, logits.shape[0], self.device)
+        )
+        return sample_rows(logits, rows, banned, generator)
+
+    # --- patch decoder ---
+
+    @torch.inference_mode()
+    def decode_patch(
+        self, local_in: Tensor, sampling: PatchSampling, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """[B, local_dim] -> undelayed codes Long[B, group, channels] on the device; empty ids never sampled.
+        On CUDA with graphs captured (and no explicit generator) this is one graph replay."""
+        batch = local_in.shape[0]
+        rows = sampling if isinstance(sampling, RowSampling) else RowSampling.build(sampling, batch, self.device)
+        if self._graphs and generator is None:
+            bucket = next((size for size in sorted(self._graphs) if size >= batch), None)
+            if bucket is not None:
+                return self._graphs[bucket](local_in, rows)
+        return self._decode_patch(local_in, rows, generator)
+
+    def _decode_patch(self, local_in: Tensor, sampling: RowSampling, generator: torch.Generator | None) -> Tensor:
+        """The 11-step loop at fixed shapes over a preallocated 11-position cache."""
+        config, stack = self.config, self.decoder
+        batch, steps = local_in.shape[0], config.patch_steps
+        cache = local_in.new_empty(len(stack.layers), 2, batch, stack.kv_heads, steps, stack.head_dim)
+        x = local_in[:, None]
+        sampled = []
+        greedy = sampling.mode == "greedy"
+        for step, (lo, hi) in enumerate(self.channel_ranges):
+            rope = self.decoder_rope[:, step : step + 1]
+            for index, layer in enumerate(stack.layers):
+                q, k, v = _qkv(stack, layer, x, rope)
+                cache[index, 0, :, :, step : step + 1] = k
+                cache[index, 1, :, :, step : step + 1] = v
+                past_k, past_v = cache[index, 0, :, :, : step + 1], cache[index, 1, :, :, : step + 1]
+                x = _finish_layer(stack, layer, x, _attend(q, past_k, past_v, None, False, False))
+            h = _norm(x[:, 0], stack.norm, stack.eps)
+            bias = self.head_bias_greedy if greedy else self.head_bias
+            logits = torch.baddbmm(bias[lo:hi], h.expand(hi - lo, *h.shape), self.head_stack_t[lo:hi])
+            ban = self.empty_ban[lo:hi]
+            tokens = logits.argmax(-1) if greedy else sample_rows(logits, sampling, ban, generator)
+            sampled.append(tokens)  # [channels of this step, B]
+            if step + 1 < steps:
+                x = self._embed_codes(tokens, lo)[:, None]
+        codes = torch.cat(sampled).index_select(0, self.frame_major)
+        return codes.T.reshape(batch, config.group_size, config.audio_channels)
+
+    def _embed_codes(self, tokens: Tensor, first_channel: int) -> Tensor:
+        """The next patch-decoder input: the sum of the sampled codes' embeddings (tokens [n, B])."""
+        offsets = self.code_offsets[first_channel : first_channel + tokens.shape[0], None]
+        x = F.embedding(tokens + offsets, self.speech_table).sum(0)
+        return x if self.to_local is None else F.linear(x, self.to_local)
+
+    # --- CUDA graphs ---
+
+    def _capture_patch_graphs(self, max_batch: int) -> None:
+        buckets = [size for size in GRAPH_BUCKETS if size < max_batch] + [
+            next((size for size in GRAPH_BUCKETS if size >= max_batch), max_batch)
+        ]
+        pool = torch.cuda.graph_pool_handle()
+        for size in sorted(set(buckets), reverse=True):  # largest first: smaller ones reuse its memory
+            self._graphs[size] = _PatchGraph(self, size, pool)
+        logger.info("patch decoder captured as CUDA graphs for batch buckets %s", sorted(self._graphs))
+
+
+class _PatchGraph:
+    """The whole patch decoder (11 steps, heads, samplers) as one CUDA graph for a padded batch size.
+    Sampling parameters live in static tensors, so one graph serves greedy, sampled and mixed rows."""
+
+    def __init__(self, fast: FastMiMoAudio, batch: int, pool: object) -> None:
+        self.batch = batch
+        self.local_in = torch.zeros(batch, fast.config.local_dim, device=fast.device, dtype=fast.dtype)
+        self.sampling = RowSampling.generic(batch, fast.device)
+        run: Callable[[], Tensor] = lambda: fast._decode_patch(self.local_in, self.sampling, None)  # noqa: E731
+        with torch.inference_mode():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    run()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=pool):
+                self.codes = run()
+
+    def __call__(self, local_in: Tensor, sampling: RowSampling) -> Tensor:
+        rows = local_in.shape[0]
+        self.local_in[:rows].copy_(local_in)
+        self.local_in[rows:].zero_()
+        self.sampling.copy_rows_(sampling)
+        self.graph.replay()
+        return self.codes[:rows].clone()
+
+
+def _resolve_compile(compile: Compile, device: torch.device) -> bool:
+    """CUDA graphs on CUDA ('auto'/'on'); on the CPU compilation was measured not to pay (the step is
+    op-bound and inductor did not shorten it), so 'auto' stays eager and 'on' warns and stays eager."""
+    if compile not in ("auto", "on", "off"):
+        raise ValueError(f"compile must be auto, on or off, got {compile!r}")
+    if compile == "off":
+        return False
+    if device.type == "cuda":
+        return True
+    if compile == "on":
+        logger.warning("compile=on: CUDA graphs need a CUDA device; running the %s path eagerly", device.type)
+    return False
+
+
+__all__ = ["FastMiMoAudio", "KVPool", "PatchSampling", "RowSampling", "StepOutput", "best_allowed"]
