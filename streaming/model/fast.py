@@ -46,13 +46,13 @@ class StepOutput:
 
 @dataclass
 class _Layer:
-    """One Qwen2 decoder layer with fused projections."""
+    """One Qwen2 decoder layer with fused projections, weights stored transposed for ``addmm``."""
 
-    qkv_weight: Tensor
+    qkv_t: Tensor  # [D, (heads + 2 kv_heads) * head_dim]
     qkv_bias: Tensor
-    o_weight: Tensor
-    gate_up_weight: Tensor
-    down_weight: Tensor
+    o_t: Tensor
+    gate_up_t: Tensor  # [D, 2 * ffn]
+    down_t: Tensor
     input_norm: Tensor
     post_norm: Tensor
 
@@ -79,11 +79,11 @@ class _Stack:
             attn, mlp = layer.self_attn, layer.mlp
             layers.append(
                 _Layer(
-                    qkv_weight=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
+                    qkv_t=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).t(),
                     qkv_bias=torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]),
-                    o_weight=attn.o_proj.weight.detach(),
-                    gate_up_weight=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
-                    down_weight=mlp.down_proj.weight.detach(),
+                    o_t=attn.o_proj.weight.detach().t(),
+                    gate_up_t=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).t(),
+                    down_t=mlp.down_proj.weight.detach().t(),
                     input_norm=layer.input_layernorm.weight.detach(),
                     post_norm=layer.post_attention_layernorm.weight.detach(),
                 )
@@ -98,6 +98,10 @@ class _Stack:
             inv_freq=model.rotary_emb.inv_freq.float(),  # the model's own, so every device rounds alike
         )
 
+    @property
+    def all_heads(self) -> int:
+        return self.heads + 2 * self.kv_heads
+
     def rope_table(self, positions: int, dtype: torch.dtype) -> Tensor:
         """[positions, 2, head_dim]: cos, and sin with rotate_half's sign folded in, at positions 0...;
         computed as transformers does (float32 angles), then cast like its ``position_embeddings``."""
@@ -108,6 +112,14 @@ class _Stack:
         sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
         return torch.stack([angles.cos(), sin], dim=1).to(dtype)
 
+    def rope_per_head(self, table: Tensor) -> tuple[Tensor, Tensor]:
+        """[N, 2, hd] -> cos and sin [N, all_heads, hd]: RoPE on the q and k heads, the identity
+        (cos 1, sin 0: exact) on the v heads, so that one rotation covers the fused q/k/v output."""
+        is_v = torch.arange(self.all_heads, device=table.device) >= self.heads + self.kv_heads
+        identity = torch.tensor([1.0, 0.0], device=table.device, dtype=table.dtype)[:, None, None]
+        full = torch.where(is_v[:, None], identity, table[:, :, None])  # [N, 2, all_heads, hd]
+        return full[:, 0], full[:, 1]
+
 
 def _norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """Qwen2's RMSNorm: normalise in float32, cast back to the input dtype, then scale."""
@@ -116,31 +128,61 @@ def _norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return weight * F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)
 
 
-def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """``x * cos + rotate_half(x) * sin`` (``sin`` carries rotate_half's signs), on [..., head_dim]."""
-    return x * cos + x.unflatten(-1, (2, -1)).flip(-2).flatten(-2) * sin
+Attend = Callable[
+    [Tensor, Tensor], Tensor
+]  # (q [B, heads, T, hd], new k|v [B, 2 kv_heads, T, hd]) -> [B, heads, T, hd]
 
 
-def _qkv(stack: _Stack, layer: _Layer, x: Tensor, rope: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """[B, T, D] -> q [B, heads, T, hd], k and v [B, kv_heads, T, hd]; ``rope`` [B or 1, T, 2, hd]."""
-    batch, length, _ = x.shape
-    qkv = F.linear(_norm(x, layer.input_norm, stack.eps), layer.qkv_weight, layer.qkv_bias)
-    qk_heads = stack.heads + stack.kv_heads
-    qk = qkv[..., : qk_heads * stack.head_dim].view(batch, length, qk_heads, stack.head_dim)
-    qk = _rope(qk, rope[:, :, None, 0], rope[:, :, None, 1]).transpose(1, 2)
-    v = qkv[..., qk_heads * stack.head_dim :].view(batch, length, stack.kv_heads, stack.head_dim).transpose(1, 2)
-    return qk[:, : stack.heads], qk[:, stack.heads :], v
+def _layer(stack: _Stack, layer: _Layer, x: Tensor, batch: int, cos: Tensor, sin: Tensor, attend: Attend) -> Tensor:
+    """One decoder layer on x [B * T, D] (rows of B sequences of T positions); ``cos``/``sin``
+    broadcast to [B, T, all_heads, hd]. ``attend`` stores the new keys/values and attends."""
+    h = _norm(x, layer.input_norm, stack.eps)
+    if x.dtype != h.dtype:  # the patch encoder's bfloat16 input: the residual continues in the model dtype
+        x = x.to(h.dtype)
+    qkv = torch.addmm(layer.qkv_bias, h, layer.qkv_t).view(batch, -1, stack.all_heads, stack.head_dim)
+    half = stack.head_dim // 2
+    qkv = torch.addcmul(qkv * cos, qkv.roll(half, -1), sin).transpose(1, 2)  # x cos + rotate_half(x) sin
+    q, kv = qkv.split([stack.heads, 2 * stack.kv_heads], dim=1)
+    attn = attend(q, kv).transpose(1, 2).reshape(x.shape[0], -1)
+    x = torch.addmm(x, attn, layer.o_t)
+    gate, up = torch.mm(_norm(x, layer.post_norm, stack.eps), layer.gate_up_t).chunk(2, dim=-1)
+    return torch.addmm(x, F.silu(gate) * up, layer.down_t)
 
 
-def _finish_layer(stack: _Stack, layer: _Layer, x: Tensor, attn: Tensor) -> Tensor:
-    """Output projection, residual, MLP, residual. ``attn`` [B, heads, T, hd]."""
-    x = x + F.linear(attn.transpose(1, 2).flatten(2), layer.o_weight)
-    gate, up = F.linear(_norm(x, layer.post_norm, stack.eps), layer.gate_up_weight).chunk(2, dim=-1)
-    return x + F.linear(F.silu(gate) * up, layer.down_weight)
+@dataclass
+class _DecoderStep:
+    """What one patch-decoder step reads, sliced once at build: its RoPE, and its channels' heads."""
+
+    cos: Tensor  # [1, 1, all_heads, hd]
+    sin: Tensor
+    heads_t: Tensor  # [channels, local_dim, width]
+    bias: Tensor  # [channels, 1, width]: -inf on padding
+    greedy_bias: Tensor  # and on the empty ids
+    empty_ban: Tensor  # [channels, 1, width] bool
+    channels: Tensor  # [channels, 1]: the channel ids, to index the padded embedding tables
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, gqa: bool) -> Tensor:
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+class _DecoderCache:
+    """The patch decoder's K/V [layers, B, 2 * kv_heads, steps, hd], with each (layer, step)'s
+    write slot and read window made once, so that a step makes no view ops for its cache."""
+
+    def __init__(self, kv: Tensor, kv_heads: int) -> None:
+        self.kv = kv
+        steps = kv.shape[3]
+        self.writes = [[kv[layer, :, :, step : step + 1] for step in range(steps)] for layer in range(kv.shape[0])]
+        self.windows = [
+            [kv[layer, :, :, : step + 1].split(kv_heads, dim=1) for step in range(steps)]
+            for layer in range(kv.shape[0])
+        ]
+
+    def attend(self, layer: int, step: int) -> Attend:
+        write, (keys, values) = self.writes[layer][step], self.windows[layer][step]
+
+        def run(q: Tensor, kv: Tensor) -> Tensor:
+            write.copy_(kv)
+            return F.scaled_dot_product_attention(q, keys, values)
+
+        return run
 
 
 # --- lm_head ---
@@ -218,32 +260,45 @@ class FastMiMoAudio:
         self.to_local = None if to_local is None else to_local.weight.detach()
         self.backbone_rope = self.backbone.rope_table(self.pool.capacity, self.dtype)
         # The patch encoder is fed bfloat16 channel sums, so transformers casts its RoPE table to bfloat16.
-        self.encoder_rope = self.encoder.rope_table(config.group_size, torch.bfloat16).to(self.dtype)[None]
-        self.decoder_rope = self.decoder.rope_table(config.patch_steps, self.dtype)[None]
+        encoder_rope = self.encoder.rope_table(config.group_size, torch.bfloat16).to(self.dtype)
+        self.encoder_rope = tuple(t[None] for t in self.encoder.rope_per_head(encoder_rope))
+        decoder_rope = self.decoder.rope_per_head(self.decoder.rope_table(config.patch_steps, self.dtype))
         # All channels' speech embeddings in one table; a code's row is offset[channel] + code.
-        tables = [table.weight.detach() for table in model.speech_embeddings]
         sizes = config.speech_vocab_sizes
         self.code_offsets = torch.tensor([sum(sizes[:c]) for c in range(len(sizes))], device=self.device)
-        self.speech_table = torch.cat(tables)
-        masked = self.speech_table.clone()  # the patch encoder adds nothing for a channel's empty id
-        masked[self.code_offsets + torch.tensor(config.speech_empty_ids, device=self.device)] = 0.0
-        self.speech_table_masked = masked
-        # The patch decoder's heads padded to one width; padding is -inf, the greedy bias bans the empty ids too.
-        width = max(sizes)
-        self.head_stack = torch.zeros(len(sizes), width, config.local_dim, device=self.device, dtype=self.dtype)
-        pad = torch.zeros(len(sizes), 1, width, device=self.device, dtype=self.dtype)
-        self.empty_ban = torch.zeros(len(sizes), 1, width, dtype=torch.bool, device=self.device)
-        for channel, (head, size, empty) in enumerate(
-            zip(model.local_transformer_lm_heads, sizes, config.speech_empty_ids)
+        speech_table = torch.cat([table.weight.detach() for table in model.speech_embeddings])
+        empty_rows = self.code_offsets + torch.tensor(config.speech_empty_ids, device=self.device)
+        self.speech_table_masked = speech_table.index_fill(0, empty_rows, 0.0)  # empty ids add nothing
+        # The patch decoder's heads and embedding tables padded to one width, indexed [channel, code];
+        # padded logits are -inf, and the greedy bias bans the empty ids as well.
+        width, channels = max(sizes), len(sizes)
+        heads = torch.zeros(channels, width, config.local_dim, device=self.device, dtype=self.dtype)
+        tables = torch.zeros(channels, width, config.input_local_dim, device=self.device, dtype=self.dtype)
+        pad = torch.zeros(channels, 1, width, device=self.device, dtype=self.dtype)
+        empty_ban = torch.zeros(channels, 1, width, dtype=torch.bool, device=self.device)
+        for channel, (head, table, size, empty) in enumerate(
+            zip(model.local_transformer_lm_heads, model.speech_embeddings, sizes, config.speech_empty_ids)
         ):
-            self.head_stack[channel, :size] = head.weight
+            heads[channel, :size] = head.weight
+            tables[channel, :size] = table.weight
             pad[channel, 0, size:] = float("-inf")
-            self.empty_ban[channel, 0, empty] = True
-        self.head_stack_t = self.head_stack.transpose(1, 2)
-        self.head_bias = pad
-        self.head_bias_greedy = pad.masked_fill(self.empty_ban, float("-inf"))
-        self.channel_ranges = model._schedule.channel_ranges
+            empty_ban[channel, 0, empty] = True
+        self.speech_tables = tables
+        greedy_bias = pad.masked_fill(empty_ban, float("-inf"))
+        self.decoder_steps = [
+            _DecoderStep(
+                cos=decoder_rope[0][step][None, None],
+                sin=decoder_rope[1][step][None, None],
+                heads_t=heads[lo:hi].transpose(1, 2),
+                bias=pad[lo:hi],
+                greedy_bias=greedy_bias[lo:hi],
+                empty_ban=empty_ban[lo:hi],
+                channels=torch.arange(lo, hi, device=self.device)[:, None],
+            )
+            for step, (lo, hi) in enumerate(model._schedule.channel_ranges)
+        ]
         self.frame_major = torch.tensor(model._schedule.frame_major, device=self.device)
+        self._decoder_caches: dict[int, _DecoderCache] = {}
         self.speech_sizes_cpu = torch.tensor(sizes)
 
     # --- inputs ---
@@ -285,20 +340,24 @@ class FastMiMoAudio:
 
     def embed_patches(self, codes: Tensor) -> Tensor:
         """The patch encoder, batched over N patches: codes [N, group, channels] -> [N, hidden]."""
-        n, _, channels = codes.shape
+        n, group, channels = codes.shape
         rows = F.embedding(codes + self.code_offsets, self.speech_table_masked)  # [N, group, channels, dim]
         # The channel sum is rounded to bfloat16 after every addition, whatever the model dtype, as upstream does.
         frames = rows[:, :, 0].to(torch.bfloat16)
         for channel in range(1, channels):
             frames += rows[:, :, channel]
-        x = frames
-        stack, rope = self.encoder, self.encoder_rope
+        stack = self.encoder
         causal = not self.config.input_full_attention
+
+        def attend(q: Tensor, kv: Tensor) -> Tensor:
+            keys, values = kv.split(stack.kv_heads, dim=1)
+            return F.scaled_dot_product_attention(q, keys, values, is_causal=causal)
+
+        x = frames.view(n * group, -1)
         for layer in stack.layers:
-            q, k, v = _qkv(stack, layer, x, rope)
-            x = _finish_layer(stack, layer, x, _attend(q, k, v, None, causal, False))
+            x = _layer(stack, layer, x, n, *self.encoder_rope, attend)
         x = _norm(x, stack.norm, stack.eps)
-        return F.linear(x.reshape(n, -1), self.group_downcast)
+        return F.linear(x.view(n, -1), self.group_downcast)
 
     # --- backbone ---
 
@@ -311,26 +370,29 @@ class FastMiMoAudio:
         count = text_ids.shape[0]
         ids = self._check_ids(text_ids.cpu(), codes, (count,), check_codes=codes.device.type == "cpu")
         start = self.pool.length(slot)
-        if start + count > self.pool.capacity:
-            raise ValueError(f"slot {slot} holds {start} of {self.pool.capacity} positions: no room for {count} more")
-        x = self._embed(ids, codes)[None]
-        rope = self.backbone_rope[start : start + count][None]
         end = start + count
+        if end > self.pool.capacity:
+            raise ValueError(f"slot {slot} holds {start} of {self.pool.capacity} positions: no room for {count} more")
+        cos, sin = (t[None] for t in self.backbone.rope_per_head(self.backbone_rope[start:end]))
         mask = None
-        if start:
-            keys = torch.arange(end, device=self.device)
-            mask = keys[None] <= torch.arange(start, end, device=self.device)[:, None]
-        stack = self.backbone
-        for index, layer in enumerate(stack.layers):
-            q, k, v = _qkv(stack, layer, x, rope)
-            pool_k, pool_v = self.pool.layer(index)
-            pool_k[slot, :, start:end] = k[0]
-            pool_v[slot, :, start:end] = v[0]
-            window_k, window_v = pool_k[slot : slot + 1, :, :end], pool_v[slot : slot + 1, :, :end]
-            attn = _attend(q, window_k, window_v, mask, causal=not start, gqa=True)
-            x = _finish_layer(stack, layer, x, attn)
+        if start:  # causal, shifted by the positions already in the slot
+            mask = torch.arange(end, device=self.device) <= torch.arange(start, end, device=self.device)[:, None]
+        kv_heads = self.backbone.kv_heads
+
+        def attend(index: int) -> Attend:
+            def run(q: Tensor, kv: Tensor) -> Tensor:
+                slot_kv = self.pool.layer(index)[slot]
+                slot_kv[:, start:end] = kv[0]
+                keys, values = slot_kv[None, :, :end].split(kv_heads, dim=1)
+                return F.scaled_dot_product_attention(q, keys, values, mask, is_causal=not start, enable_gqa=True)
+
+            return run
+
+        x = self._embed(ids, codes)
+        for index, layer in enumerate(self.backbone.layers):
+            x = _layer(self.backbone, layer, x, 1, cos, sin, attend(index))
         self.pool._advance([slot], count)
-        return self._outputs(x[:, -1])
+        return self._outputs(x[-1:])
 
     @torch.inference_mode()
     def step(self, slots: Sequence[int], text_ids: Tensor, codes: Tensor) -> StepOutput:
@@ -344,29 +406,32 @@ class FastMiMoAudio:
         lengths = self.pool.lengths(slots)
         if max(lengths) >= self.pool.capacity:
             raise ValueError(f"a slot is full ({self.pool.capacity} positions)")
-        x = self._embed(ids, codes)[:, None]
         positions = torch.tensor(lengths, dtype=torch.long).to(self.device, non_blocking=True)
-        rope = self.backbone_rope.index_select(0, positions)[:, None]
+        rows = torch.tensor(slots, dtype=torch.long).to(self.device, non_blocking=True)
+        cos, sin = (t[:, None] for t in self.backbone.rope_per_head(self.backbone_rope.index_select(0, positions)))
         span = max(lengths) + 1
         mask = (torch.arange(span, device=self.device) <= positions[:, None])[:, None, None]
         first = min(slots)
-        packed = slots == list(range(first, first + batch))  # a view of the pool, no copy
-        rows = torch.tensor(slots, dtype=torch.long).to(self.device, non_blocking=True)
-        stack = self.backbone
-        for index, layer in enumerate(stack.layers):
-            q, k, v = _qkv(stack, layer, x, rope)
-            pool_k, pool_v = self.pool.layer(index)
-            pool_k[rows, :, positions] = k[:, :, 0]
-            pool_v[rows, :, positions] = v[:, :, 0]
-            if packed:
-                window_k, window_v = pool_k[first : first + batch, :, :span], pool_v[first : first + batch, :, :span]
-            else:
-                window_k, window_v = pool_k[rows, :, :span], pool_v[rows, :, :span]
-            x = _finish_layer(stack, layer, x, _attend(q, window_k, window_v, mask, causal=False, gqa=True))
+        packed = slots == list(range(first, first + batch))  # the rows' caches are one view of the pool
+        kv_heads = self.backbone.kv_heads
+
+        def attend(index: int) -> Attend:
+            def run(q: Tensor, kv: Tensor) -> Tensor:
+                layer_kv = self.pool.layer(index)
+                layer_kv[rows, :, positions] = kv[:, :, 0]
+                window = layer_kv[first : first + batch, :, :span] if packed else layer_kv[rows, :, :span]
+                keys, values = window.split(kv_heads, dim=1)
+                return F.scaled_dot_product_attention(q, keys, values, mask, enable_gqa=True)
+
+            return run
+
+        x = self._embed(ids, codes)
+        for index, layer in enumerate(self.backbone.layers):
+            x = _layer(self.backbone, layer, x, batch, cos, sin, attend(index))
         for slot in slots:
             self.pool._lengths[slot] += 1
         self.pool.lengths_device.index_add_(0, rows, torch.ones_like(rows))
-        return self._outputs(x[:, -1])
+        return self._outputs(x)
 
     def _outputs(self, last: Tensor) -> StepOutput:
         """The final norm, lm_head and downcast at each row's last position only."""
@@ -408,35 +473,43 @@ class FastMiMoAudio:
     def _decode_patch(self, local_in: Tensor, sampling: RowSampling, generator: torch.Generator | None) -> Tensor:
         """The 11-step loop at fixed shapes over a preallocated 11-position cache."""
         config, stack = self.config, self.decoder
-        batch, steps = local_in.shape[0], config.patch_steps
-        cache = local_in.new_empty(len(stack.layers), 2, batch, stack.kv_heads, steps, stack.head_dim)
-        x = local_in[:, None]
-        sampled = []
+        batch = local_in.shape[0]
+        cache = self._decoder_cache(batch)
         greedy = sampling.mode == "greedy"
-        for step, (lo, hi) in enumerate(self.channel_ranges):
-            rope = self.decoder_rope[:, step : step + 1]
+        x, sampled = local_in, []
+        for step, plan in enumerate(self.decoder_steps):
             for index, layer in enumerate(stack.layers):
-                q, k, v = _qkv(stack, layer, x, rope)
-                cache[index, 0, :, :, step : step + 1] = k
-                cache[index, 1, :, :, step : step + 1] = v
-                past_k, past_v = cache[index, 0, :, :, : step + 1], cache[index, 1, :, :, : step + 1]
-                x = _finish_layer(stack, layer, x, _attend(q, past_k, past_v, None, False, False))
-            h = _norm(x[:, 0], stack.norm, stack.eps)
-            bias = self.head_bias_greedy if greedy else self.head_bias
-            logits = torch.baddbmm(bias[lo:hi], h.expand(hi - lo, *h.shape), self.head_stack_t[lo:hi])
-            ban = self.empty_ban[lo:hi]
-            tokens = logits.argmax(-1) if greedy else sample_rows(logits, sampling, ban, generator)
-            sampled.append(tokens)  # [channels of this step, B]
-            if step + 1 < steps:
-                x = self._embed_codes(tokens, lo)[:, None]
+                x = _layer(stack, layer, x, batch, plan.cos, plan.sin, cache.attend(index, step))
+            h = _norm(x, stack.norm, stack.eps)
+            channels = plan.heads_t.shape[0]
+            bias = plan.greedy_bias if greedy else plan.bias
+            logits = torch.baddbmm(bias, h.expand(channels, *h.shape), plan.heads_t)  # [channels, B, width]
+            tokens = logits.argmax(-1) if greedy else sample_rows(logits, sampling, plan.empty_ban, generator)
+            sampled.append(tokens)
+            if step + 1 < len(self.decoder_steps):
+                x = self.speech_tables[plan.channels, tokens].sum(0)  # the next input: the new codes' embeddings
+                if self.to_local is not None:
+                    x = F.linear(x, self.to_local)
         codes = torch.cat(sampled).index_select(0, self.frame_major)
         return codes.T.reshape(batch, config.group_size, config.audio_channels)
 
-    def _embed_codes(self, tokens: Tensor, first_channel: int) -> Tensor:
-        """The next patch-decoder input: the sum of the sampled codes' embeddings (tokens [n, B])."""
-        offsets = self.code_offsets[first_channel : first_channel + tokens.shape[0], None]
-        x = F.embedding(tokens + offsets, self.speech_table).sum(0)
-        return x if self.to_local is None else F.linear(x, self.to_local)
+    def _decoder_cache(self, batch: int) -> _DecoderCache:
+        """The patch decoder's K/V for ``batch`` rows, kept between calls (every call overwrites what it reads)."""
+        if batch not in self._decoder_caches:
+            stack = self.decoder
+            self._decoder_caches[batch] = _DecoderCache(
+                torch.zeros(
+                    len(stack.layers),
+                    batch,
+                    2 * stack.kv_heads,
+                    self.config.patch_steps,
+                    stack.head_dim,
+                    device=self.device,
+                    dtype=self.dtype,
+                ),
+                stack.kv_heads,
+            )
+        return self._decoder_caches[batch]
 
     # --- CUDA graphs ---
 

@@ -10,9 +10,10 @@ from .configuration_mimo_audio import MiMoAudioConfig
 
 
 class KVPool:
-    """Per layer K and V of [slots, kv_heads, capacity, head_dim] in the model dtype (stored as one
-    tensor each, [layers, slots, ...]), plus each slot's length: kept on the CPU as ints (shapes and
-    positions are decided there, with no host sync) and mirrored in a device tensor."""
+    """Per layer K and V of [slots, kv_heads, capacity, head_dim] in the model dtype, plus each slot's
+    length: kept on the CPU as ints (shapes and positions are decided there, with no host sync) and
+    mirrored in a device tensor. K and V live in one tensor [layers, slots, 2 * kv_heads, capacity,
+    head_dim] (keys first), so that a new position's keys and values are written with one op."""
 
     def __init__(
         self,
@@ -27,9 +28,10 @@ class KVPool:
         self.config = config
         self.slots, self.capacity = slots, capacity
         self.device, self.dtype = torch.device(device), dtype
-        shape = (config.num_hidden_layers, slots, config.num_key_value_heads, capacity, config.head_dim)
-        self.keys = torch.zeros(shape, device=self.device, dtype=dtype)
-        self.values = torch.zeros(shape, device=self.device, dtype=dtype)
+        kv_heads = config.num_key_value_heads
+        shape = (config.num_hidden_layers, slots, 2 * kv_heads, capacity, config.head_dim)
+        self.kv = torch.zeros(shape, device=self.device, dtype=dtype)
+        self.keys, self.values = self.kv[:, :, :kv_heads], self.kv[:, :, kv_heads:]
         self.lengths_device = torch.zeros(slots, dtype=torch.long, device=self.device)
         self._lengths = [0] * slots
         self._free = set(range(slots))
@@ -78,5 +80,6 @@ class KVPool:
         if not 0 <= slot < self.slots or slot in self._free:
             raise ValueError(f"slot {slot} is not allocated")
 
-    def layer(self, index: int) -> tuple[Tensor, Tensor]:
-        return self.keys[index], self.values[index]
+    def layer(self, index: int) -> Tensor:
+        """Layer ``index``'s K and V: [slots, 2 * kv_heads, capacity, head_dim]."""
+        return self.kv[index]
