@@ -4,7 +4,7 @@ import pytest
 import torch
 from mimo_voice.configs.schema import SamplerParams
 from mimo_voice.streaming.model.configuration_mimo_audio import MiMoAudioConfig
-from mimo_voice.streaming.model.fast import FastMiMoAudio, StepOutput
+from mimo_voice.streaming.model.fast import FastMiMoAudio, StepOutput, _Head
 from mimo_voice.streaming.model.fast_sampling import RowSampling, filtered, sample_rows
 from mimo_voice.streaming.model.kv_pool import KVPool
 from mimo_voice.streaming.model.modeling_mimo_audio import MiMoAudioForCausalLM
@@ -38,9 +38,10 @@ def tiny():
     return MiMoAudioForCausalLM.random(MiMoAudioConfig.preset("tiny"), SPECIAL, seed=0)
 
 
-def build(model, slots=4, capacity=64, **kwargs):
+def build(model, slots=4, capacity=64, head_precision="model", **kwargs):
+    """A fast model over its own pool; the lm_head in the model dtype unless asked (fp32 parity)."""
     pool = KVPool(model.config, slots, capacity, model.device, model.hidden_states_downcast.weight.dtype)
-    return FastMiMoAudio(model, pool, compile="off", **kwargs), pool
+    return FastMiMoAudio(model, pool, compile="off", head_precision=head_precision, **kwargs), pool
 
 
 def close(a: torch.Tensor, b: torch.Tensor, tol: float = TOL) -> bool:
@@ -237,7 +238,7 @@ def test_sample_text_is_sync_free_and_respects_bans(tiny):
 # --- precision, compile, op counts ---
 
 
-@pytest.mark.parametrize("precision", ["bf16", "int8"])
+@pytest.mark.parametrize("precision", ["bf16", "int8", "auto"])
 def test_reduced_precision_lm_head_is_faithful(tiny, precision):
     exact, pool = build(tiny)
     reduced, pool_r = build(tiny, head_precision=precision)
@@ -256,6 +257,20 @@ def test_reduced_precision_lm_head_is_faithful(tiny, precision):
             near_ties += 1
             assert float(top2[0] - top2[1]) < 0.02 * float(ref.abs().max()) + 1e-3
     assert near_ties <= 2
+
+
+@pytest.mark.parametrize("rows", [1, 4, 7])
+def test_auto_head_is_faithful_at_every_batch_size(tiny, rows):
+    head = _Head(tiny.lm_head.weight, "auto")
+    assert head.precision == "int8+bf16"  # a float32 model on the CPU
+    x = torch.randn(rows, tiny.config.hidden_size, generator=torch.Generator().manual_seed(rows))
+    ref = torch.nn.functional.linear(x, tiny.lm_head.weight.detach())
+    out = head(x)
+    tol = 0.02 * float(ref.abs().max())
+    assert out.dtype == torch.float32 and close(out, ref, tol=tol)
+    for row in range(rows):
+        best, runner_up = ref[row].topk(2).values.tolist()
+        assert int(out[row].argmax()) == int(ref[row].argmax()) or best - runner_up < tol
 
 
 def test_bf16_model_matches_fp32_within_tolerance(tiny):

@@ -30,7 +30,7 @@ from .modeling_mimo_audio import MiMoAudioForCausalLM
 logger = logging.getLogger(__name__)
 
 Compile = Literal["auto", "on", "off"]
-HeadPrecision = Literal["auto", "model", "bf16", "int8"]
+HeadPrecision = Literal["auto", "model", "bf16", "int8"]  # the lm_head's weights (see _Head)
 PatchSampling = RowSampling | SamplerParams
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -134,16 +134,19 @@ Attend = Callable[
 
 
 def _layer(stack: _Stack, layer: _Layer, x: Tensor, batch: int, cos: Tensor, sin: Tensor, attend: Attend) -> Tensor:
-    """One decoder layer on x [B * T, D] (rows of B sequences of T positions); ``cos``/``sin``
-    broadcast to [B, T, all_heads, hd]. ``attend`` stores the new keys/values and attends."""
+    """One decoder layer on x [B * T, D] (rows of B sequences of T positions). ``cos``/``sin`` broadcast
+    to [B, all_heads, 1, hd] when T is 1, else to [B, T, all_heads, hd]. ``attend`` stores the new
+    keys/values and attends."""
     h = _norm(x, layer.input_norm, stack.eps)
     if x.dtype != h.dtype:  # the patch encoder's bfloat16 input: the residual continues in the model dtype
         x = x.to(h.dtype)
-    qkv = torch.addmm(layer.qkv_bias, h, layer.qkv_t).view(batch, -1, stack.all_heads, stack.head_dim)
-    half = stack.head_dim // 2
-    qkv = torch.addcmul(qkv * cos, qkv.roll(half, -1), sin).transpose(1, 2)  # x cos + rotate_half(x) sin
-    q, kv = qkv.split([stack.heads, 2 * stack.kv_heads], dim=1)
-    attn = attend(q, kv).transpose(1, 2).reshape(x.shape[0], -1)
+    qkv = torch.addmm(layer.qkv_bias, h, layer.qkv_t)
+    single = x.shape[0] == batch  # one position per row: [B, 1, heads, hd] is [B, heads, 1, hd] in memory
+    qkv = qkv.view(batch, stack.all_heads, 1, -1) if single else qkv.view(batch, -1, stack.all_heads, stack.head_dim)
+    qkv = torch.addcmul(qkv * cos, qkv.roll(stack.head_dim // 2, -1), sin)  # x cos + rotate_half(x) sin
+    q, kv = (qkv if single else qkv.transpose(1, 2)).split([stack.heads, 2 * stack.kv_heads], dim=1)
+    attn = attend(q, kv)
+    attn = attn.reshape(batch, -1) if single else attn.transpose(1, 2).reshape(x.shape[0], -1)
     x = torch.addmm(x, attn, layer.o_t)
     gate, up = torch.mm(_norm(x, layer.post_norm, stack.eps), layer.gate_up_t).chunk(2, dim=-1)
     return torch.addmm(x, F.silu(gate) * up, layer.down_t)
@@ -153,7 +156,7 @@ def _layer(stack: _Stack, layer: _Layer, x: Tensor, batch: int, cos: Tensor, sin
 class _DecoderStep:
     """What one patch-decoder step reads, sliced once at build: its RoPE, and its channels' heads."""
 
-    cos: Tensor  # [1, 1, all_heads, hd]
+    cos: Tensor  # [1, all_heads, 1, hd]
     sin: Tensor
     heads_t: Tensor  # [channels, local_dim, width]
     bias: Tensor  # [channels, 1, width]: -inf on padding
@@ -189,31 +192,42 @@ class _DecoderCache:
 
 
 class _Head:
-    """The 151,680-row text head: x [B, hidden] -> float32 logits, in the precision chosen at build."""
+    """The 151,680-row text head: x [B, hidden] -> float32 logits, reading as few weight bytes as pays.
+
+    Measured on this project's CPU (AVX512-BF16/AMX, 1 thread; README "Fast path"): int8 weight-only
+    (``torch._weight_int8pack_mm``, per-row scales) is fastest up to a batch of 4 rows, oneDNN's prepacked
+    bf16 GEMM above that; plain fp32 is slowest everywhere. ``auto`` takes those on a CPU with a float32
+    model, and the model dtype (bf16 in practice) elsewhere."""
+
+    INT8_UP_TO_ROWS = 4
 
     def __init__(self, weight: Tensor, precision: HeadPrecision):
-        if precision == "auto":
-            # bf16 on CUDA; on the CPU int8 weight-only reads a quarter of fp32's bytes and was measured fastest
-            # for batch 1-4 (README, "Fast path"); fp32/bf16 models keep the model dtype on other devices.
-            precision = "int8" if weight.device.type == "cpu" and weight.dtype == torch.float32 else "bf16"
-            if weight.device.type == "cuda":
-                precision = "bf16"
-        self.precision = precision
-        if precision == "int8":
-            scale = weight.float().abs().amax(dim=1).clamp_min(1e-12) / 127.0
-            self.weight = (weight.float() / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
-            self.scale = scale.to(torch.bfloat16)
-        elif precision == "bf16":
-            self.weight = weight.detach().to(torch.bfloat16)
-        elif precision == "model":
-            self.weight = weight.detach()
-        else:
+        weight = weight.detach()
+        if precision not in ("auto", "model", "bf16", "int8"):
             raise ValueError(f"head precision must be auto, model, bf16 or int8, got {precision!r}")
+        on_cpu = weight.device.type == "cpu"
+        if precision == "auto":
+            precision = "int8+bf16" if on_cpu and weight.dtype == torch.float32 else "model"
+        self.precision = precision
+        self.weight = weight if precision == "model" else None
+        self.int8 = self.scale = self.bf16 = self.packed = None
+        if "int8" in precision:
+            scale = weight.float().abs().amax(dim=1).clamp_min(1e-12) / 127.0
+            self.int8 = (weight.float() / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+            self.scale = scale.to(torch.bfloat16)
+        if "bf16" in precision:
+            self.bf16 = weight.to(torch.bfloat16)
+            if on_cpu and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(self.bf16, self.INT8_UP_TO_ROWS * 2)
 
     def __call__(self, x: Tensor) -> Tensor:
-        if self.precision == "int8":
-            return torch._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scale).float()
-        return F.linear(x.to(self.weight.dtype), self.weight).float()
+        if self.weight is not None:
+            return F.linear(x, self.weight).float()
+        if self.int8 is not None and (self.bf16 is None or x.shape[0] <= self.INT8_UP_TO_ROWS):
+            return torch._weight_int8pack_mm(x.to(torch.bfloat16), self.int8, self.scale).float()
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.packed, None, "none", [], "").float()
+        return F.linear(x.to(torch.bfloat16), self.bf16).float()
 
 
 # --- the fast model ---
@@ -229,7 +243,7 @@ class FastMiMoAudio:
         pool: KVPool,
         *,
         compile: Compile = "auto",
-        head_precision: HeadPrecision = "model",
+        head_precision: HeadPrecision = "auto",
     ) -> None:
         config = model.config
         if pool.config.num_hidden_layers != config.num_hidden_layers or pool.capacity < 1:
@@ -287,8 +301,8 @@ class FastMiMoAudio:
         greedy_bias = pad.masked_fill(empty_ban, float("-inf"))
         self.decoder_steps = [
             _DecoderStep(
-                cos=decoder_rope[0][step][None, None],
-                sin=decoder_rope[1][step][None, None],
+                cos=decoder_rope[0][step][None, :, None],
+                sin=decoder_rope[1][step][None, :, None],
                 heads_t=heads[lo:hi].transpose(1, 2),
                 bias=pad[lo:hi],
                 greedy_bias=greedy_bias[lo:hi],
@@ -373,7 +387,8 @@ class FastMiMoAudio:
         end = start + count
         if end > self.pool.capacity:
             raise ValueError(f"slot {slot} holds {start} of {self.pool.capacity} positions: no room for {count} more")
-        cos, sin = (t[None] for t in self.backbone.rope_per_head(self.backbone_rope[start:end]))
+        cos, sin = self.backbone.rope_per_head(self.backbone_rope[start:end])  # [T, all_heads, hd]
+        cos, sin = (cos[:, :, None], sin[:, :, None]) if count == 1 else (cos[None], sin[None])
         mask = None
         if start:  # causal, shifted by the positions already in the slot
             mask = torch.arange(end, device=self.device) <= torch.arange(start, end, device=self.device)[:, None]
@@ -408,7 +423,7 @@ class FastMiMoAudio:
             raise ValueError(f"a slot is full ({self.pool.capacity} positions)")
         positions = torch.tensor(lengths, dtype=torch.long).to(self.device, non_blocking=True)
         rows = torch.tensor(slots, dtype=torch.long).to(self.device, non_blocking=True)
-        cos, sin = (t[:, None] for t in self.backbone.rope_per_head(self.backbone_rope.index_select(0, positions)))
+        cos, sin = (t[:, :, None] for t in self.backbone.rope_per_head(self.backbone_rope.index_select(0, positions)))
         span = max(lengths) + 1
         mask = (torch.arange(span, device=self.device) <= positions[:, None])[:, None, None]
         first = min(slots)
