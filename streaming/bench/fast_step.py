@@ -78,19 +78,23 @@ def _eager_group(model: MiMoAudioForCausalLM) -> Callable[[], None]:
     return group
 
 
-def _fast_group(model: MiMoAudioForCausalLM, head_precision: HeadPrecision) -> Callable[[], None]:
-    pool = KVPool(model.config, 1, CONTEXT + 4096 + 1, model.device, torch.float32)
+def _fast_group(model: MiMoAudioForCausalLM, head_precision: HeadPrecision, batch: int = 1) -> Callable[[], None]:
+    """One step of ``batch`` sessions (rows at different lengths) stepped together."""
+    pool = KVPool(model.config, batch, CONTEXT + batch + 4096 + 1, model.device, torch.float32)
     fast = FastMiMoAudio(model, pool, compile="off", head_precision=head_precision)
-    slot = pool.allocate()
+    slots = [pool.allocate() for _ in range(batch)]
     generator = torch.Generator().manual_seed(0)
-    fast.prefill(slot, torch.randint(0, 151643, (CONTEXT,), generator=generator), model.empty_codes(CONTEXT)[0])
-    state = {"codes": model.empty_codes(1)[0]}
-    empty = torch.tensor([model.special_tokens.empty])
+    for slot in slots:
+        count = CONTEXT + slot
+        fast.prefill(slot, torch.randint(0, 151643, (count,), generator=generator), model.empty_codes(count)[0])
+    state = {"codes": model.empty_codes(batch)[0]}
+    empty = torch.full((batch,), model.special_tokens.empty)
 
     def group() -> None:
-        if pool.length(slot) >= CONTEXT + 4096:
-            pool.truncate(slot, CONTEXT)
-        out = fast.step([slot], empty, state["codes"])
+        if pool.length(slots[-1]) >= CONTEXT + 4096:
+            for slot in slots:
+                pool.truncate(slot, CONTEXT + slot)
+        out = fast.step(slots, empty, state["codes"])
         fast.sample_text(out.text_logits, GREEDY).tolist()  # the caller's one host read per group
         state["codes"] = fast.decode_patch(out.local_in, GREEDY)
 
@@ -123,6 +127,26 @@ def measure(preset: str, groups: int = 40, reps: int = 3, head_precision: HeadPr
     return [min(runs, key=lambda f: f.ms_p50) for runs in figures.values()]
 
 
+def measure_batches(
+    preset: str, batches: list[int], groups: int = 20, head_precision: HeadPrecision = "auto"
+) -> list[dict[str, float]]:
+    """Fast path only: one step of B sessions together; aggregate audio groups/s against batch 1."""
+    model = MiMoAudioForCausalLM.random(MiMoAudioConfig.preset(preset), SPECIAL, seed=0)
+    rows = []
+    with torch.inference_mode():
+        for batch in batches:
+            figures = _time(f"fast x{batch}", _fast_group(model, head_precision, batch), groups, 1)
+            rows.append(
+                {
+                    "sessions": batch,
+                    "step_ms_p50": round(figures.ms_p50, 2),
+                    "aggregate_groups_per_s": round(batch * 1e3 / figures.ms_p50, 1),
+                    "rtf_p50": round(figures.ms_p50 / GROUP_MS, 4),
+                }
+            )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", default="tiny,small")
@@ -130,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--groups", type=int, default=40, help="timed groups per repetition")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--head", default="auto", choices=("auto", "model", "bf16", "int8"), help="lm_head precision")
+    parser.add_argument("--batches", help="also time B sessions stepped together, e.g. 1,2,4,8 (fast path)")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -149,6 +174,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{preset:6} {'speed-up':22} {eager['per_group_ms_p50'] / fast['per_group_ms_p50']:8.2f}x "
             f"ops ratio {fast['aten_ops_per_group'] / eager['aten_ops_per_group']:.3f}"
         )
+        if args.batches:
+            batch_rows = measure_batches(preset, [int(b) for b in args.batches.split(",")], args.groups, args.head)
+            results[f"{preset}_by_sessions"] = batch_rows
+            for row in batch_rows:
+                print(
+                    f"{preset:6} {'fast x' + str(row['sessions']):22} {row['step_ms_p50']:8.2f} per step, "
+                    f"{row['aggregate_groups_per_s']:7.1f} groups/s, RTF {row['rtf_p50']:.3f}"
+                )
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(results, handle, indent=2)
