@@ -153,16 +153,23 @@ def _layer(stack: _Stack, layer: _Layer, x: Tensor, batch: int, cos: Tensor, sin
 
 
 @dataclass
+class _HeadGroup:
+    """Consecutive patch-decoder channels with one vocabulary size, sampled together."""
+
+    heads_t: Tensor  # [n, local_dim, width]
+    greedy_bias: Tensor  # [n, 1, width]: -inf on each channel's empty id
+    empty_ban: Tensor  # [n, 1, width] bool
+    tables: Tensor  # [n, width, input_local_dim]: the channels' speech embeddings
+    rows: Tensor  # [n, 1]: 0..n-1, to index ``tables`` by (channel, code)
+
+
+@dataclass
 class _DecoderStep:
-    """What one patch-decoder step reads, sliced once at build: its RoPE, and its channels' heads."""
+    """What one patch-decoder step reads, made once at build: its RoPE and its channels' head groups."""
 
     cos: Tensor  # [1, all_heads, 1, hd]
     sin: Tensor
-    heads_t: Tensor  # [channels, local_dim, width]
-    bias: Tensor  # [channels, 1, width]: -inf on padding
-    greedy_bias: Tensor  # and on the empty ids
-    empty_ban: Tensor  # [channels, 1, width] bool
-    channels: Tensor  # [channels, 1]: the channel ids, to index the padded embedding tables
+    groups: list[_HeadGroup]
 
 
 class _DecoderCache:
@@ -283,37 +290,38 @@ class FastMiMoAudio:
         speech_table = torch.cat([table.weight.detach() for table in model.speech_embeddings])
         empty_rows = self.code_offsets + torch.tensor(config.speech_empty_ids, device=self.device)
         self.speech_table_masked = speech_table.index_fill(0, empty_rows, 0.0)  # empty ids add nothing
-        # The patch decoder's heads and embedding tables padded to one width, indexed [channel, code];
-        # padded logits are -inf, and the greedy bias bans the empty ids as well.
-        width, channels = max(sizes), len(sizes)
-        heads = torch.zeros(channels, width, config.local_dim, device=self.device, dtype=self.dtype)
-        tables = torch.zeros(channels, width, config.input_local_dim, device=self.device, dtype=self.dtype)
-        pad = torch.zeros(channels, 1, width, device=self.device, dtype=self.dtype)
-        empty_ban = torch.zeros(channels, 1, width, dtype=torch.bool, device=self.device)
-        for channel, (head, table, size, empty) in enumerate(
-            zip(model.local_transformer_lm_heads, model.speech_embeddings, sizes, config.speech_empty_ids)
-        ):
-            heads[channel, :size] = head.weight
-            tables[channel, :size] = table.weight
-            pad[channel, 0, size:] = float("-inf")
-            empty_ban[channel, 0, empty] = True
-        self.speech_tables = tables
-        greedy_bias = pad.masked_fill(empty_ban, float("-inf"))
-        self.decoder_steps = [
-            _DecoderStep(
-                cos=decoder_rope[0][step][None, :, None],
-                sin=decoder_rope[1][step][None, :, None],
-                heads_t=heads[lo:hi].transpose(1, 2),
-                bias=pad[lo:hi],
-                greedy_bias=greedy_bias[lo:hi],
-                empty_ban=empty_ban[lo:hi],
-                channels=torch.arange(lo, hi, device=self.device)[:, None],
-            )
-            for step, (lo, hi) in enumerate(model._schedule.channel_ranges)
-        ]
+        # The patch decoder's heads and embedding tables, stacked per run of channels with one vocabulary size
+        # (1025 x 2, 129 x 6: no padding, so no byte is read for nothing); greedy bias -inf on the empty ids.
+        runs, start = [], 0
+        for channel in range(1, len(sizes) + 1):
+            if channel == len(sizes) or sizes[channel] != sizes[start]:
+                runs.append((start, channel))
+                start = channel
+        self.decoder_steps = []
+        for step, (lo, hi) in enumerate(model._schedule.channel_ranges):
+            groups = [
+                self._head_group(model, max(lo, first), min(hi, last))
+                for first, last in runs
+                if max(lo, first) < min(hi, last)
+            ]
+            cos, sin = (t[step][None, :, None] for t in decoder_rope)
+            self.decoder_steps.append(_DecoderStep(cos=cos, sin=sin, groups=groups))
         self.frame_major = torch.tensor(model._schedule.frame_major, device=self.device)
-        self._decoder_caches: dict[int, _DecoderCache] = {}
         self.speech_sizes_cpu = torch.tensor(sizes)
+        self._decoder_caches: dict[int, _DecoderCache] = {}
+
+    def _head_group(self, model: MiMoAudioForCausalLM, lo: int, hi: int) -> _HeadGroup:
+        """Channels lo..hi-1 (one vocabulary size) of the patch decoder: stacked heads and embedding tables."""
+        heads = torch.stack([model.local_transformer_lm_heads[c].weight.detach() for c in range(lo, hi)])
+        empty = torch.tensor(self.config.speech_empty_ids[lo:hi], device=self.device)
+        ban = torch.arange(heads.shape[1], device=self.device) == empty[:, None, None]  # [n, 1, width]
+        return _HeadGroup(
+            heads_t=heads.transpose(1, 2),
+            greedy_bias=torch.zeros(ban.shape, device=self.device, dtype=self.dtype).masked_fill(ban, float("-inf")),
+            empty_ban=ban,
+            tables=torch.stack([model.speech_embeddings[c].weight.detach() for c in range(lo, hi)]),
+            rows=torch.arange(hi - lo, device=self.device)[:, None],
+        )
 
     # --- inputs ---
 
@@ -496,15 +504,19 @@ class FastMiMoAudio:
             for index, layer in enumerate(stack.layers):
                 x = _layer(stack, layer, x, batch, plan.cos, plan.sin, cache.attend(index, step))
             h = _norm(x, stack.norm, stack.eps)
-            channels = plan.heads_t.shape[0]
-            bias = plan.greedy_bias if greedy else plan.bias
-            logits = torch.baddbmm(bias, h.expand(channels, *h.shape), plan.heads_t)  # [channels, B, width]
-            tokens = logits.argmax(-1) if greedy else sample_rows(logits, sampling, plan.empty_ban, generator)
-            sampled.append(tokens)
-            if step + 1 < len(self.decoder_steps):
-                x = self.speech_tables[plan.channels, tokens].sum(0)  # the next input: the new codes' embeddings
-                if self.to_local is not None:
-                    x = F.linear(x, self.to_local)
+            last = step + 1 == len(self.decoder_steps)
+            for index, group in enumerate(plan.groups):
+                inputs = h.expand(group.heads_t.shape[0], *h.shape)
+                if greedy:
+                    tokens = torch.baddbmm(group.greedy_bias, inputs, group.heads_t).argmax(-1)
+                else:  # [channels, B, width] logits
+                    tokens = sample_rows(torch.bmm(inputs, group.heads_t), sampling, group.empty_ban, generator)
+                sampled.append(tokens)
+                if not last:  # the next input: the sum of the new codes' embeddings
+                    embeds = group.tables[group.rows, tokens].sum(0)
+                    x = embeds if index == 0 else x + embeds
+            if not last and self.to_local is not None:
+                x = F.linear(x, self.to_local)
         codes = torch.cat(sampled).index_select(0, self.frame_major)
         return codes.T.reshape(batch, config.group_size, config.audio_channels)
 
