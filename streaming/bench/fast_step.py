@@ -14,6 +14,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from mimo_voice.configs.schema import SamplerParams
@@ -48,7 +49,7 @@ class GroupFigures:
     ms_min: float
     counts: OpCounts
 
-    def row(self) -> dict[str, float | str]:
+    def row(self) -> dict[str, Any]:
         return {
             "path": self.path,
             "per_group_ms_p50": round(self.ms_p50, 2),
@@ -129,7 +130,7 @@ def measure(preset: str, groups: int = 40, reps: int = 3, head_precision: HeadPr
 
 def measure_batches(
     preset: str, batches: list[int], groups: int = 20, head_precision: HeadPrecision = "auto"
-) -> list[dict[str, float]]:
+) -> list[dict[str, Any]]:
     """Fast path only: one step of B sessions together; aggregate audio groups/s against batch 1."""
     model = MiMoAudioForCausalLM.random(MiMoAudioConfig.preset(preset), SPECIAL, seed=0)
     rows = []
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    results = {}
+    results: dict[str, list[dict[str, Any]]] = {}
     print(f"per audio group, {args.threads} thread(s), greedy, audio forced; best repetition's p50 of {args.reps}")
     print(f"{'preset':6} {'path':22} {'p50 ms':>8} {'min ms':>8} {'RTF':>7} {'ATen ops':>9} {'host reads':>10}")
     for preset in args.presets.split(","):

@@ -3,11 +3,22 @@ few, large ops over weights fused at build time, a static KV pool with per-row p
 steps over sessions at different lengths, sync-free sampling, and CUDA graphs for the patch decoder.
 
 ``MiMoAudioForCausalLM`` (official names, transformers' Qwen2 layers) stays the reference: this
-module reads its weights once (q/k/v -> one matrix with one bias, gate/up -> one matrix; the patch
-decoder's 8 heads -> one padded [channels, width, local_dim] stack) and must agree with it (fp32
-logits within 1e-4, greedy tokens and codes identical). Everything here runs under
-``torch.inference_mode`` and reads no tensor value on the host: the caller decides text vs audio
-from CPU-side ids and reads each step's text tokens with one ``tolist()``.
+module reads its weights once (q/k/v -> one matrix with one bias, gate/up -> one matrix, stored
+transposed so residual adds ride in ``addmm``; the patch decoder's heads and embedding tables
+stacked per run of channels with one vocabulary size) and must agree with it (fp32 logits within
+1e-4, greedy tokens and codes identical; the lm_head may read fewer bytes, see ``_Head``).
+Everything here runs under ``torch.inference_mode`` and reads no tensor value on the host.
+
+How a caller (the engine's step loop) uses it:
+- one :class:`KVPool` slot per conversation; ``prefill`` appends a prompt or the user's audio,
+  ``step`` advances every active row by one position, ``pool.truncate`` rolls a row back;
+- pass text ids as CPU tensors (text vs audio positions are decided from them without a sync) and
+  the previous ``decode_patch`` codes as they are, on the device;
+- keep active slots packed (``allocate`` hands out the lowest free one) and pass them in ascending
+  order: the attention then reads a view of the pool instead of gathering each row's cache;
+- read the text tokens of all rows with one ``tolist()`` per step; build a :class:`RowSampling` once
+  per set of rows to avoid re-uploading parameters each step;
+- one step loop per FastMiMoAudio: the patch decoder's cache and CUDA graphs are shared state.
 """
 
 from __future__ import annotations
@@ -15,12 +26,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
 from mimo_voice.configs.schema import SamplerParams
 from torch import Tensor
+from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2Model
 
 from .configuration_mimo_audio import ConfigError
 from .fast_sampling import RowSampling, best_allowed, sample_rows
@@ -70,12 +82,12 @@ class _Stack:
     inv_freq: Tensor  # float32, as transformers' default RoPE computes it
 
     @classmethod
-    def from_qwen2(cls, model: torch.nn.Module) -> _Stack:
+    def from_qwen2(cls, model: Qwen2Model) -> _Stack:
         config = model.config
         if config.hidden_act != "silu":
             raise ConfigError(f"the fast path implements the silu MLP only, got {config.hidden_act!r}")
         layers = []
-        for layer in model.layers:
+        for layer in cast(list[Qwen2DecoderLayer], list(model.layers)):
             attn, mlp = layer.self_attn, layer.mlp
             layers.append(
                 _Layer(
@@ -93,7 +105,7 @@ class _Stack:
             norm=model.norm.weight.detach(),
             eps=config.rms_norm_eps,
             heads=config.num_attention_heads,
-            kv_heads=config.num_key_value_heads,
+            kv_heads=int(config.num_key_value_heads or config.num_attention_heads),
             head_dim=config.head_dim,
             inv_freq=model.rotary_emb.inv_freq.float(),  # the model's own, so every device rounds alike
         )
@@ -119,6 +131,13 @@ class _Stack:
         identity = torch.tensor([1.0, 0.0], device=table.device, dtype=table.dtype)[:, None, None]
         full = torch.where(is_v[:, None], identity, table[:, :, None])  # [N, 2, all_heads, hd]
         return full[:, 0], full[:, 1]
+
+
+def _weight(module: torch.nn.Module) -> Tensor:
+    weight = module.weight
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"{type(module).__name__} has no weight tensor")
+    return weight.detach()
 
 
 def _norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -209,20 +228,23 @@ class _Head:
     INT8_UP_TO_ROWS = 4
 
     def __init__(self, weight: Tensor, precision: HeadPrecision):
-        weight = weight.detach()
         if precision not in ("auto", "model", "bf16", "int8"):
             raise ValueError(f"head precision must be auto, model, bf16 or int8, got {precision!r}")
+        weight = weight.detach()
         on_cpu = weight.device.type == "cpu"
+        mode: str = precision
         if precision == "auto":
-            precision = "int8+bf16" if on_cpu and weight.dtype == torch.float32 else "model"
-        self.precision = precision
-        self.weight = weight if precision == "model" else None
-        self.int8 = self.scale = self.bf16 = self.packed = None
-        if "int8" in precision:
+            mode = "int8+bf16" if on_cpu and weight.dtype == torch.float32 else "model"
+        self.precision = mode
+        self.weight = weight if mode == "model" else None
+        self.int8: tuple[Tensor, Tensor] | None = None  # int8 rows and their bf16 scales
+        self.bf16: Tensor | None = None
+        self.packed: Tensor | None = None
+        if "int8" in mode:
             scale = weight.float().abs().amax(dim=1).clamp_min(1e-12) / 127.0
-            self.int8 = (weight.float() / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
-            self.scale = scale.to(torch.bfloat16)
-        if "bf16" in precision:
+            rows = (weight.float() / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+            self.int8 = (rows, scale.to(torch.bfloat16))
+        if "bf16" in mode:
             self.bf16 = weight.to(torch.bfloat16)
             if on_cpu and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(self.bf16, self.INT8_UP_TO_ROWS * 2)
@@ -231,9 +253,10 @@ class _Head:
         if self.weight is not None:
             return F.linear(x, self.weight).float()
         if self.int8 is not None and (self.bf16 is None or x.shape[0] <= self.INT8_UP_TO_ROWS):
-            return torch._weight_int8pack_mm(x.to(torch.bfloat16), self.int8, self.scale).float()
+            return torch._weight_int8pack_mm(x.to(torch.bfloat16), *self.int8).float()
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.packed, None, "none", [], "").float()
+        assert self.bf16 is not None  # "bf16" and "int8+bf16" keep it
         return F.linear(x.to(torch.bfloat16), self.bf16).float()
 
 
@@ -282,12 +305,13 @@ class FastMiMoAudio:
         self.backbone_rope = self.backbone.rope_table(self.pool.capacity, self.dtype)
         # The patch encoder is fed bfloat16 channel sums, so transformers casts its RoPE table to bfloat16.
         encoder_rope = self.encoder.rope_table(config.group_size, torch.bfloat16).to(self.dtype)
-        self.encoder_rope = tuple(t[None] for t in self.encoder.rope_per_head(encoder_rope))
+        encoder_cos, encoder_sin = self.encoder.rope_per_head(encoder_rope)
+        self.encoder_rope = (encoder_cos[None], encoder_sin[None])
         decoder_rope = self.decoder.rope_per_head(self.decoder.rope_table(config.patch_steps, self.dtype))
         # All channels' speech embeddings in one table; a code's row is offset[channel] + code.
         sizes = config.speech_vocab_sizes
         self.code_offsets = torch.tensor([sum(sizes[:c]) for c in range(len(sizes))], device=self.device)
-        speech_table = torch.cat([table.weight.detach() for table in model.speech_embeddings])
+        speech_table = torch.cat([_weight(table) for table in model.speech_embeddings])
         empty_rows = self.code_offsets + torch.tensor(config.speech_empty_ids, device=self.device)
         self.speech_table_masked = speech_table.index_fill(0, empty_rows, 0.0)  # empty ids add nothing
         # The patch decoder's heads and embedding tables, stacked per run of channels with one vocabulary size
@@ -312,14 +336,14 @@ class FastMiMoAudio:
 
     def _head_group(self, model: MiMoAudioForCausalLM, lo: int, hi: int) -> _HeadGroup:
         """Channels lo..hi-1 (one vocabulary size) of the patch decoder: stacked heads and embedding tables."""
-        heads = torch.stack([model.local_transformer_lm_heads[c].weight.detach() for c in range(lo, hi)])
+        heads = torch.stack([_weight(model.local_transformer_lm_heads[c]) for c in range(lo, hi)])
         empty = torch.tensor(self.config.speech_empty_ids[lo:hi], device=self.device)
         ban = torch.arange(heads.shape[1], device=self.device) == empty[:, None, None]  # [n, 1, width]
         return _HeadGroup(
             heads_t=heads.transpose(1, 2),
             greedy_bias=torch.zeros(ban.shape, device=self.device, dtype=self.dtype).masked_fill(ban, float("-inf")),
             empty_ban=ban,
-            tables=torch.stack([model.speech_embeddings[c].weight.detach() for c in range(lo, hi)]),
+            tables=torch.stack([_weight(model.speech_embeddings[c]) for c in range(lo, hi)]),
             rows=torch.arange(hi - lo, device=self.device)[:, None],
         )
 
@@ -377,7 +401,7 @@ class FastMiMoAudio:
 
         x = frames.view(n * group, -1)
         for layer in stack.layers:
-            x = _layer(stack, layer, x, n, *self.encoder_rope, attend)
+            x = _layer(stack, layer, x, n, self.encoder_rope[0], self.encoder_rope[1], attend)
         x = _norm(x, stack.norm, stack.eps)
         return F.linear(x.view(n, -1), self.group_downcast)
 
@@ -554,7 +578,7 @@ class _PatchGraph:
     """The whole patch decoder (11 steps, heads, samplers) as one CUDA graph for a padded batch size.
     Sampling parameters live in static tensors, so one graph serves greedy, sampled and mixed rows."""
 
-    def __init__(self, fast: FastMiMoAudio, batch: int, pool: object) -> None:
+    def __init__(self, fast: FastMiMoAudio, batch: int, pool: Any) -> None:  # pool: a CUDA graph pool handle
         self.batch = batch
         self.local_in = torch.zeros(batch, fast.config.local_dim, device=fast.device, dtype=fast.dtype)
         self.sampling = RowSampling.generic(batch, fast.device)
