@@ -92,6 +92,39 @@ def test_batched_step_equals_batch_one_rows_at_different_lengths(model, slot_ord
     assert pool_b.lengths(slot_order) == pool_s.lengths(slot_order)
 
 
+def test_rows_join_leave_and_roll_back_between_steps_without_disturbing_the_others(tiny):
+    batched, pool = build(tiny)
+    alone, alone_pool = build(tiny)
+    histories = {slot: mixed_positions(tiny, "tat" + "a" * slot, seed=20 + slot) for slot in range(3)}
+    solo = {}
+    for slot, (text, codes) in histories.items():
+        assert pool.allocate() == slot
+        batched.prefill(slot, text[0], codes[0])
+        solo[slot] = alone_pool.allocate()
+        alone.prefill(solo[slot], text[0], codes[0])
+    text, codes = mixed_positions(tiny, "aaaaaa", seed=30)
+
+    def check(slots: list[int], column: int) -> None:
+        out = batched.step(slots, text[0, : len(slots)], codes[0, : len(slots)])
+        for row, slot in enumerate(slots):
+            ref = alone.step([solo[slot]], text[0, row : row + 1], codes[0, row : row + 1])
+            assert close(out.text_logits[row : row + 1], ref.text_logits), (column, slot)
+
+    check([0, 1, 2], 0)
+    pool.free(1)  # a session leaves mid-reply; the others carry on
+    alone_pool.free(solo.pop(1))
+    check([0, 2], 1)
+    assert pool.allocate() == 1  # a new session joins in the freed slot
+    joined_text, joined_codes = mixed_positions(tiny, "tta", seed=40)
+    batched.prefill(1, joined_text[0], joined_codes[0])
+    solo[1] = alone_pool.allocate()
+    alone.prefill(solo[1], joined_text[0], joined_codes[0])
+    check([0, 1, 2], 2)
+    pool.truncate(2, pool.length(2) - 2)  # barge-in: roll one row back
+    alone_pool.truncate(solo[2], alone_pool.length(solo[2]) - 2)
+    check([0, 1, 2], 3)
+
+
 def test_step_equals_prefill_of_one_position(tiny):
     fast, pool = build(tiny)
     a, b = pool.allocate(), pool.allocate()
@@ -331,4 +364,4 @@ def test_one_audio_group_has_few_ops_and_no_host_reads(tiny):
 
     _, eager = count_call(eager_group)
     assert counts.host_reads == 0
-    assert counts.ops < 0.75 * eager.ops
+    assert counts.ops < 0.4 * eager.ops  # measured 0.31 (README); a CUDA graph replaces the patch decoder's

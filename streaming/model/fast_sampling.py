@@ -8,11 +8,12 @@ back to the best allowed token through ``torch.where``. Python-side flags (all r
 many candidates to look at) are fixed when a :class:`RowSampling` is built, so a CUDA graph
 captured for one such set of flags stays valid for every parameter value.
 
-Candidates: the whole vocabulary is sorted when it is small (the patch decoder's 1025/129 codes)
-or on CUDA; on the CPU a 151,680-token sort costs tens of ms, so the text head takes the
-``max(top_k) + TIE_SLACK`` best (ties with the k-th beyond that slack are dropped, where the
-reference keeps them: exact fp32 ties are rare) or, with top-p alone, the ``NUCLEUS_CANDIDATES``
-best (a nucleus wider than that is cut to it; a trained model's nucleus is far narrower).
+Candidates: when every sampled row has a top-k, the ``max(top_k) + TIE_SLACK`` best are taken
+(ties with the k-th beyond that slack are dropped, where the reference keeps them: exact fp32
+ties are rare). Otherwise the whole vocabulary is sorted when it is small (the patch decoder's
+1025/129 codes) or on CUDA; on the CPU a 151,680-token sort costs tens of ms, so top-p alone
+looks at the ``NUCLEUS_CANDIDATES`` best (a nucleus wider than that is cut to it; a trained
+model's nucleus is far narrower). ``full_sort=True`` (what a captured graph uses) always sorts.
 """
 
 from __future__ import annotations
@@ -144,10 +145,13 @@ def filtered(
 
 def _candidates(scaled: Tensor, sampling: RowSampling, vocab: int, full_sort: bool | None) -> tuple[Tensor, Tensor]:
     """The best tokens, sorted: all of them, or enough to hold every row's top-k (plus ties) or nucleus."""
-    if full_sort is None:
-        full_sort = vocab < FULL_SORT_BELOW or scaled.is_cuda
     if not full_sort:
-        wanted = sampling.max_top_k + TIE_SLACK if sampling.max_top_k is not None else NUCLEUS_CANDIDATES
+        if sampling.max_top_k is not None:
+            wanted = sampling.max_top_k + TIE_SLACK
+        elif full_sort is None and (vocab < FULL_SORT_BELOW or scaled.is_cuda):
+            wanted = vocab
+        else:
+            wanted = NUCLEUS_CANDIDATES
         if wanted < vocab:
             return scaled.topk(wanted)
     return scaled.sort(-1, descending=True)
