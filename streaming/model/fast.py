@@ -147,24 +147,35 @@ def _norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return weight * F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)
 
 
-Attend = Callable[
-    [Tensor, Tensor], Tensor
-]  # (q [B, heads, T, hd], new k|v [B, 2 kv_heads, T, hd]) -> [B, heads, T, hd]
+# (rotated q|k|v heads [B, all_heads, T, hd]) -> attention output [B, heads, T, hd]; it stores k|v where they belong.
+Attend = Callable[[Tensor], Tensor]
 
 
-def _layer(stack: _Stack, layer: _Layer, x: Tensor, batch: int, cos: Tensor, sin: Tensor, attend: Attend) -> Tensor:
+def _layer(
+    stack: _Stack,
+    layer: _Layer,
+    x: Tensor,
+    batch: int,
+    cos: Tensor,
+    sin: Tensor,
+    attend: Attend,
+    rotated_out: Tensor | None = None,
+) -> Tensor:
     """One decoder layer on x [B * T, D] (rows of B sequences of T positions). ``cos``/``sin`` broadcast
-    to [B, all_heads, 1, hd] when T is 1, else to [B, T, all_heads, hd]. ``attend`` stores the new
-    keys/values and attends."""
+    to [B, all_heads, 1, hd] when T is 1, else to [B, T, all_heads, hd]. With T = 1, ``rotated_out``
+    (a [B, all_heads, 1, hd] view of a cache) receives the rotated q|k|v directly."""
     h = _norm(x, layer.input_norm, stack.eps)
     if x.dtype != h.dtype:  # the patch encoder's bfloat16 input: the residual continues in the model dtype
         x = x.to(h.dtype)
     qkv = torch.addmm(layer.qkv_bias, h, layer.qkv_t)
     single = x.shape[0] == batch  # one position per row: [B, 1, heads, hd] is [B, heads, 1, hd] in memory
     qkv = qkv.view(batch, stack.all_heads, 1, -1) if single else qkv.view(batch, -1, stack.all_heads, stack.head_dim)
-    qkv = torch.addcmul(qkv * cos, qkv.roll(stack.head_dim // 2, -1), sin)  # x cos + rotate_half(x) sin
-    q, kv = (qkv if single else qkv.transpose(1, 2)).split([stack.heads, 2 * stack.kv_heads], dim=1)
-    attn = attend(q, kv)
+    rolled = qkv.roll(stack.head_dim // 2, -1)
+    if rotated_out is None:
+        rotated = torch.addcmul(qkv * cos, rolled, sin)  # x cos + rotate_half(x) sin
+    else:
+        rotated = torch.addcmul(qkv * cos, rolled, sin, out=rotated_out)
+    attn = attend(rotated if single else rotated.transpose(1, 2))
     attn = attn.reshape(batch, -1) if single else attn.transpose(1, 2).reshape(x.shape[0], -1)
     x = torch.addmm(x, attn, layer.o_t)
     gate, up = torch.mm(_norm(x, layer.post_norm, stack.eps), layer.gate_up_t).chunk(2, dim=-1)
@@ -192,26 +203,29 @@ class _DecoderStep:
 
 
 class _DecoderCache:
-    """The patch decoder's K/V [layers, B, 2 * kv_heads, steps, hd], with each (layer, step)'s
-    write slot and read window made once, so that a step makes no view ops for its cache."""
+    """The patch decoder's rotated q|k|v [layers, B, all_heads, steps, hd]. Each (layer, step)'s
+    write slot and read views are made once, and the RoPE op writes into the slot: a step makes no
+    view, split or copy op for its cache."""
 
-    def __init__(self, kv: Tensor, kv_heads: int) -> None:
-        self.kv = kv
-        steps = kv.shape[3]
-        self.writes = [[kv[layer, :, :, step : step + 1] for step in range(steps)] for layer in range(kv.shape[0])]
-        self.windows = [
-            [kv[layer, :, :, : step + 1].split(kv_heads, dim=1) for step in range(steps)]
-            for layer in range(kv.shape[0])
+    def __init__(self, buffer: Tensor, heads: int, kv_heads: int) -> None:
+        self.buffer = buffer
+        layers, steps = buffer.shape[0], buffer.shape[3]
+        self.slots = [[buffer[layer, :, :, step : step + 1] for step in range(steps)] for layer in range(layers)]
+        self.views = [
+            [
+                (
+                    buffer[layer, :, :heads, step : step + 1],
+                    buffer[layer, :, heads : heads + kv_heads, : step + 1],
+                    buffer[layer, :, heads + kv_heads :, : step + 1],
+                )
+                for step in range(steps)
+            ]
+            for layer in range(layers)
         ]
 
     def attend(self, layer: int, step: int) -> Attend:
-        write, (keys, values) = self.writes[layer][step], self.windows[layer][step]
-
-        def run(q: Tensor, kv: Tensor) -> Tensor:
-            write.copy_(kv)
-            return F.scaled_dot_product_attention(q, keys, values)
-
-        return run
+        q, keys, values = self.views[layer][step]
+        return lambda _rotated: F.scaled_dot_product_attention(q, keys, values)
 
 
 # --- lm_head ---
@@ -395,8 +409,8 @@ class FastMiMoAudio:
         stack = self.encoder
         causal = not self.config.input_full_attention
 
-        def attend(q: Tensor, kv: Tensor) -> Tensor:
-            keys, values = kv.split(stack.kv_heads, dim=1)
+        def attend(qkv: Tensor) -> Tensor:
+            q, keys, values = qkv.split([stack.heads, stack.kv_heads, stack.kv_heads], dim=1)
             return F.scaled_dot_product_attention(q, keys, values, is_causal=causal)
 
         x = frames.view(n * group, -1)
@@ -427,7 +441,8 @@ class FastMiMoAudio:
         kv_heads = self.backbone.kv_heads
 
         def attend(index: int) -> Attend:
-            def run(q: Tensor, kv: Tensor) -> Tensor:
+            def run(qkv: Tensor) -> Tensor:
+                q, kv = qkv.split([self.backbone.heads, 2 * kv_heads], dim=1)
                 slot_kv = self.pool.layer(index)[slot]
                 slot_kv[:, start:end] = kv[0]
                 keys, values = slot_kv[None, :, :end].split(kv_heads, dim=1)
@@ -463,7 +478,8 @@ class FastMiMoAudio:
         kv_heads = self.backbone.kv_heads
 
         def attend(index: int) -> Attend:
-            def run(q: Tensor, kv: Tensor) -> Tensor:
+            def run(qkv: Tensor) -> Tensor:
+                q, kv = qkv.split([self.backbone.heads, 2 * kv_heads], dim=1)
                 layer_kv = self.pool.layer(index)
                 layer_kv[rows, :, positions] = kv[:, :, 0]
                 window = layer_kv[first : first + batch, :, :span] if packed else layer_kv[rows, :, :span]
@@ -526,7 +542,8 @@ class FastMiMoAudio:
         x, sampled = local_in, []
         for step, plan in enumerate(self.decoder_steps):
             for index, layer in enumerate(stack.layers):
-                x = _layer(stack, layer, x, batch, plan.cos, plan.sin, cache.attend(index, step))
+                attend, slot = cache.attend(index, step), cache.slots[index][step]
+                x = _layer(stack, layer, x, batch, plan.cos, plan.sin, attend, slot)
             h = _norm(x, stack.norm, stack.eps)
             last = step + 1 == len(self.decoder_steps)
             for index, group in enumerate(plan.groups):
@@ -552,12 +569,13 @@ class FastMiMoAudio:
                 torch.zeros(
                     len(stack.layers),
                     batch,
-                    2 * stack.kv_heads,
+                    stack.all_heads,
                     self.config.patch_steps,
                     stack.head_dim,
                     device=self.device,
                     dtype=self.dtype,
                 ),
+                stack.heads,
                 stack.kv_heads,
             )
         return self._decoder_caches[batch]
