@@ -484,7 +484,10 @@ class FastMiMoAudio:
                 layer_kv[rows, :, positions] = kv[:, :, 0]
                 window = layer_kv[first : first + batch, :, :span] if packed else layer_kv[rows, :, :span]
                 keys, values = window.split(kv_heads, dim=1)
-                return F.scaled_dot_product_attention(q, keys, values, mask, enable_gqa=True)
+                # One query position: a kv head's query heads attend as that many positions (heads are grouped
+                # as repeat_kv groups them), so K/V are read once per kv head instead of repeated per query head.
+                grouped = q.view(batch, kv_heads, -1, q.shape[-1])
+                return F.scaled_dot_product_attention(grouped, keys, values, mask)
 
             return run
 
