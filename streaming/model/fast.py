@@ -237,7 +237,7 @@ class _Head:
     Measured on this project's CPU (AVX512-BF16/AMX, 1 thread; README "Fast path"): int8 weight-only
     (``torch._weight_int8pack_mm``, per-row scales) is fastest up to a batch of 4 rows, oneDNN's prepacked
     bf16 GEMM above that; plain fp32 is slowest everywhere. ``auto`` takes those on a CPU with a float32
-    model, and the model dtype (bf16 in practice) elsewhere."""
+    model, bf16 on CUDA (whatever the model dtype), and the model dtype otherwise."""
 
     INT8_UP_TO_ROWS = 4
 
@@ -248,7 +248,7 @@ class _Head:
         on_cpu = weight.device.type == "cpu"
         mode: str = precision
         if precision == "auto":
-            mode = "int8+bf16" if on_cpu and weight.dtype == torch.float32 else "model"
+            mode = "int8+bf16" if on_cpu and weight.dtype == torch.float32 else "bf16" if not on_cpu else "model"
         self.precision = mode
         self.weight = weight if mode == "model" else None
         self.int8: tuple[Tensor, Tensor] | None = None  # int8 rows and their bf16 scales
