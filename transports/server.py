@@ -50,6 +50,7 @@ from pydantic import BaseModel, Field
 
 from . import phone
 from .metrics import CONTENT_TYPE, ServerMetrics, TurnMetricsObserver
+from .realtime import add_realtime_route
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 TINY_NOTICE = (
@@ -301,6 +302,8 @@ def create_app(
     @app.websocket("/ws/twilio")
     async def twilio(websocket: WebSocket) -> None:
         await phone.handle_twilio(websocket, hub)
+
+    add_realtime_route(app, hub)
 
     return app
 
