@@ -584,16 +584,16 @@ class RealtimeOutput(FrameProcessor):
         text = self._final_text(response)
         ids = {"response_id": response.id, "item_id": response.item_id, "output_index": 0, "content_index": 0}
         if response.options.text_only:
-            part = {"type": "text", "text": text}
+            part, content = {"type": "text", "text": text}, {"type": "output_text", "text": text}
             await send(server_event("response.output_text.done", **ids, text=text))
         else:
-            part = {"type": "audio", "transcript": text}
+            part, content = {"type": "audio", "transcript": text}, {"type": "output_audio", "transcript": text}
             await send(server_event("response.output_audio.done", **ids))
             await send(server_event("response.output_audio_transcript.done", **ids, transcript=text))
         await send(server_event("response.content_part.done", **ids, part=part))
         status = "incomplete" if response.status == "completed" and self._hit_limit(response) else response.status
         item = message_item(
-            response.item_id, "assistant", [part], status="completed" if status == "completed" else "incomplete"
+            response.item_id, "assistant", [content], status="completed" if status == "completed" else "incomplete"
         )
         item["_audio_ms"] = response.samples / SAMPLES_PER_MS
         self.state.items[response.item_id] = item
