@@ -98,7 +98,9 @@ async def _run(websocket: WebSocket, hub: SessionHub, state: RealtimeState) -> N
             audio_in_enabled=True,
             audio_out_enabled=True,
             add_wav_header=False,
-            serializer=RealtimeSerializer(state.formats),
+            serializer=RealtimeSerializer(
+                state.formats, beta="realtime=v1" in websocket.headers.get("openai-beta", "")
+            ),
         ),
     )
     # One response per response.create: no separate spoken acknowledgement before a thinking answer.

@@ -15,8 +15,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 INPUT_RATE_PCM = OUTPUT_RATE_PCM = 24_000
 G711_RATE = 8_000
-# Beta client event names that differ from GA ones.
-BETA_EVENT_ALIASES = {"response.audio.cancel": "response.cancel"}
+# Server events whose beta name differs; a client that sends "OpenAI-Beta: realtime=v1" gets the beta names. (Client
+# events kept their names from beta to GA; what changed there is the session's shape, which both parse.)
+BETA_SERVER_NAMES = {
+    "conversation.item.added": "conversation.item.created",
+    "response.output_audio.delta": "response.audio.delta",
+    "response.output_audio.done": "response.audio.done",
+    "response.output_audio_transcript.delta": "response.audio_transcript.delta",
+    "response.output_audio_transcript.done": "response.audio_transcript.done",
+    "response.output_text.delta": "response.text.delta",
+    "response.output_text.done": "response.text.done",
+}
 
 
 def new_id(prefix: str) -> str:
@@ -346,12 +355,11 @@ def parse_client_event(message: Any) -> ClientEvent:
     kind = message.get("type")
     if not isinstance(kind, str):
         raise ProtocolError("missing_type", "a client event needs a string 'type'", event_id, "type")
-    kind = BETA_EVENT_ALIASES.get(kind, kind)
     model = CLIENT_EVENTS.get(kind)
     if model is None:
         raise ProtocolError("invalid_event_type", f"unknown client event type {kind!r}", event_id, "type")
     try:
-        return model.model_validate({**message, "type": kind})
+        return model.model_validate(message)
     except ValidationError as exc:
         raise validation_error(exc, event_id) from None
 

@@ -30,7 +30,7 @@ from pipecat.frames.frames import (
 from pipecat.processors.frame_processor import FrameProcessorSetup
 from pipecat.serializers.base_serializer import FrameSerializer
 
-from .protocol import AudioFormat, ClientEvent, ProtocolError, new_id, parse_client_event
+from .protocol import BETA_SERVER_NAMES, AudioFormat, ClientEvent, ProtocolError, new_id, parse_client_event
 
 CLOSING_EVENTS = {
     "response.output_audio.done",
@@ -68,9 +68,12 @@ class AudioFormats:
 
 
 class RealtimeSerializer(FrameSerializer):
-    def __init__(self, formats: AudioFormats) -> None:
+    """``beta``: send the beta names of the server events that were renamed for GA."""
+
+    def __init__(self, formats: AudioFormats, *, beta: bool = False) -> None:
         super().__init__()
         self.formats = formats
+        self._names = BETA_SERVER_NAMES if beta else {}
         self._in_rate = 16_000  # the pipeline's input rate, from setup()
         self._in_resampler = create_stream_resampler()
         self._out_resampler = create_stream_resampler()
@@ -128,7 +131,8 @@ class RealtimeSerializer(FrameSerializer):
             self._audio_part = {key: event[key] for key in ("response_id", "item_id", "output_index", "content_index")}
         elif kind in ("response.output_audio.done", "response.done"):
             self._audio_part = None
-        return json.dumps({"event_id": new_id("event"), **event}, ensure_ascii=False)
+        event = {"event_id": new_id("event"), **event, "type": self._names.get(kind, kind)}
+        return json.dumps(event, ensure_ascii=False)
 
     async def _encode_audio(self, frame: OutputAudioRawFrame) -> str:
         audio_format = self.formats.output
