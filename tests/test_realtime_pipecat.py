@@ -72,8 +72,11 @@ async def test_pipecat_openai_realtime_service_gets_audio_from_mimo_voice(tiny_e
             assert collector.audio[0].sample_rate == 24_000 and np.abs(pcm).max() > 1000
             assert app.state.hub.sessions, "the client is counted as a session"
             (state,) = app.state.realtime.values()
-            heard = lambda: [t for t in state.service.session.history if t.role == "user" and t.audio_seconds > 1]  # noqa: E731
-            assert await until(lambda: bool(heard()), timeout=60), "the user's speech never made a turn"
+
+            def heard_speech() -> bool:
+                return any(t.role == "user" and t.audio_seconds > 1 for t in state.service.session.history)
+
+            assert await until(heard_speech, timeout=60), "the user's speech never made a turn"
         finally:
             await worker.cancel()
             await asyncio.wait_for(running, 30)

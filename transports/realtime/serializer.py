@@ -19,6 +19,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipecat.audio.resamplers.base_audio_resampler import BaseAudioResampler
 from pipecat.audio.utils import alaw_to_pcm, create_stream_resampler, pcm_to_alaw, pcm_to_ulaw, ulaw_to_pcm
 from pipecat.frames.frames import (
     Frame,
@@ -96,19 +97,7 @@ class RealtimeSerializer(FrameSerializer):
             return ClientErrorFrame(error=exc)
 
     async def decode_audio(self, audio_b64: str, event_id: str | None) -> bytes:
-        """Base64 audio in the session's input format, as 16-bit PCM at the pipeline's input rate."""
-        try:
-            raw = base64.b64decode(audio_b64, validate=True)
-        except (binascii.Error, ValueError):
-            raise ProtocolError("invalid_base64", "audio is not valid base64", event_id, "audio") from None
-        audio_format = self.formats.input
-        if audio_format.type == "audio/pcmu":
-            return await ulaw_to_pcm(raw, audio_format.sample_rate, self._in_rate, self._in_resampler)
-        if audio_format.type == "audio/pcma":
-            return await alaw_to_pcm(raw, audio_format.sample_rate, self._in_rate, self._in_resampler)
-        if len(raw) % 2:
-            raise ProtocolError("invalid_audio", "audio/pcm must be whole 16-bit samples", event_id, "audio")
-        return await self._in_resampler.resample(raw, audio_format.sample_rate, self._in_rate)
+        return await decode_audio(audio_b64, self.formats.input, self._in_rate, self._in_resampler, event_id)
 
     # --- out ---
 
@@ -143,6 +132,23 @@ class RealtimeSerializer(FrameSerializer):
         else:
             data = await self._out_resampler.resample(frame.audio, frame.sample_rate, audio_format.sample_rate)
         return base64.b64encode(data).decode()
+
+
+async def decode_audio(
+    audio_b64: str, audio_format: AudioFormat, to_rate: int, resampler: BaseAudioResampler, event_id: str | None
+) -> bytes:
+    """Base64 audio in ``audio_format`` as 16-bit PCM at ``to_rate``, or a ProtocolError naming the event."""
+    try:
+        raw = base64.b64decode(audio_b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise ProtocolError("invalid_base64", "audio is not valid base64", event_id, "audio") from None
+    if audio_format.type == "audio/pcmu":
+        return await ulaw_to_pcm(raw, audio_format.sample_rate, to_rate, resampler)
+    if audio_format.type == "audio/pcma":
+        return await alaw_to_pcm(raw, audio_format.sample_rate, to_rate, resampler)
+    if len(raw) % 2:
+        raise ProtocolError("invalid_audio", "audio/pcm must be whole 16-bit samples", event_id, "audio")
+    return await resampler.resample(raw, audio_format.sample_rate, to_rate)
 
 
 def _json(data: str | bytes) -> Any:

@@ -22,8 +22,10 @@ from mimo_voice.agent.frames import (
     RespondFrame,
     StartUserTurnFrame,
 )
+from mimo_voice.agent.pipeline import PIPELINE_IN_RATE
 from mimo_voice.agent.service import TOOL_CALL_METADATA, MiMoAudioService
 from mimo_voice.streaming.engine.events import SAMPLE_RATE, SAMPLES_PER_PATCH
+from pipecat.audio.utils import create_stream_resampler
 from pipecat.audio.vad.vad_analyzer import VADAnalyzer, VADParams, VADState
 from pipecat.frames.frames import (
     CancelFrame,
@@ -65,7 +67,7 @@ from .protocol import (
     parse_session_update,
     server_event,
 )
-from .serializer import AudioFormats, ClientErrorFrame, ClientEventFrame
+from .serializer import AudioFormats, ClientErrorFrame, ClientEventFrame, decode_audio
 
 if TYPE_CHECKING:
     from mimo_voice.configs import Config
@@ -342,9 +344,11 @@ class RealtimeInput(FrameProcessor):
                 await self.push_frame(AddTextFrame(item.role, part.text))
                 content.append({"type": "input_text", "text": part.text})
             elif part.type == "input_audio" and part.audio and item.role == "user":
-                serializer_audio = await _decode(self.state, part.audio, event_id)
+                pcm = await decode_audio(
+                    part.audio, self.state.formats.input, PIPELINE_IN_RATE, create_stream_resampler(), event_id
+                )
                 await self.push_frame(StartUserTurnFrame())
-                await self.push_frame(InputAudioRawFrame(audio=serializer_audio, sample_rate=16_000, num_channels=1))
+                await self.push_frame(InputAudioRawFrame(audio=pcm, sample_rate=PIPELINE_IN_RATE, num_channels=1))
                 await self.push_frame(EndUserTurnFrame(respond=False))
                 content.append({"type": "input_audio", "transcript": part.transcript})
             else:
@@ -668,9 +672,3 @@ def _offered(config: SessionConfig) -> list[Any]:
     if not isinstance(config.tool_choice, str):
         return [tool for tool in config.tools if tool.name == config.tool_choice.name]
     return config.tools
-
-
-async def _decode(state: RealtimeState, audio_b64: str, event_id: str | None) -> bytes:
-    from .serializer import RealtimeSerializer
-
-    return await RealtimeSerializer(state.formats).decode_audio(audio_b64, event_id)
