@@ -133,3 +133,27 @@ async def test_a_beta_client_gets_beta_event_names_and_alaw(tiny_engine):
         alaw = b"".join(base64.b64decode(e["delta"]) for e in seen if e["type"] == "response.audio.delta")
         pcm = np.frombuffer(await alaw_to_pcm(alaw, 8000, 8000, create_stream_resampler()), np.int16)
         assert abs(len(pcm) - 5 * 0.16 * 8000) < 0.2 * 8000 and np.abs(pcm).max() > 1000
+
+
+async def test_idle_timeout_prompts_the_user_after_silence(tiny_engine):
+    app = agent_app(tiny_engine)
+    async with serving(app) as base_url, realtime(base_url) as (connection, events):
+        vad = {"type": "server_vad", "idle_timeout_ms": 1000}
+        await connection.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": vad}}})
+        updated = await events.next("session.updated")
+        assert updated["session"]["audio"]["input"]["turn_detection"]["idle_timeout_ms"] == 1000
+        session_of(app, events).text_hook = Script(
+            speech(tiny_engine, "Hello.", 3), speech(tiny_engine, "Still there?", 3)
+        )
+        await connection.conversation.item.create(item=ASK)
+        await connection.response.create()
+        first = await events.next("response.done", timeout=60)
+        microphone = asyncio.create_task(stream(connection, bytes(PCM_BYTES_PER_SEC * 6), PCM_BYTES_PER_SEC))
+        try:
+            triggered = await events.next("input_audio_buffer.timeout_triggered", timeout=30)
+            prompt = await events.next("response.done", after=events.seen.index(triggered), timeout=60)
+        finally:
+            microphone.cancel()
+        assert prompt["response"]["id"] != first["response"]["id"]
+        assert prompt["response"]["output"][0]["content"][0]["transcript"] == "Still there?"
+        assert not events.of("input_audio_buffer.speech_started")

@@ -9,6 +9,7 @@ order with it (through the output transport's queue); acknowledgements and error
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,7 @@ from mimo_voice.streaming.engine.events import SAMPLE_RATE, SAMPLES_PER_PATCH
 from pipecat.audio.utils import create_stream_resampler
 from pipecat.audio.vad.vad_analyzer import VADAnalyzer, VADParams, VADState
 from pipecat.frames.frames import (
+    BotStoppedSpeakingFrame,
     CancelFrame,
     EndFrame,
     Frame,
@@ -145,6 +147,7 @@ class RealtimeState:
     response: _Response | None = None
     pending_calls: dict[str, Any] = field(default_factory=dict)  # call_id -> pipecat result callback
     usage: LLMUsageMetricsData | None = None
+    latest_answer: str | None = None  # item id of the newest assistant message: the only one that can be cut
     service: MiMoAudioService = field(init=False)  # set once the pipeline that creates it is built
 
     def last_item_id(self) -> str | None:
@@ -371,7 +374,8 @@ class RealtimeInput(FrameProcessor):
                 event.event_id,
                 "audio_end_ms",
             )
-        await self.push_frame(CancelResponseFrame(played_samples=event.audio_end_ms * SAMPLES_PER_MS))
+        if event.item_id == self.state.latest_answer:  # an older answer is followed by turns that cannot be undone
+            await self.push_frame(CancelResponseFrame(played_samples=event.audio_end_ms * SAMPLES_PER_MS))
         if self.state.response is not None and self.state.response.item_id == event.item_id:
             self.state.response.status = "cancelled"
             await self.push_frame(InterruptionFrame())  # stop sending what was cut
@@ -433,14 +437,19 @@ class RealtimeOutput(FrameProcessor):
         self._audio_start_ms = 0.0
         self._input_ms = 0.0
         self._last: _Response | None = None  # the latest response, closed or not (a barge-in may cut it)
+        self._idle: asyncio.Task | None = None
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
         await super().process_frame(frame, direction)
         state = self.state
         response = state.response
         if direction == FrameDirection.UPSTREAM:
+            if isinstance(frame, BotStoppedSpeakingFrame):
+                await self._arm_idle_timeout()
             await self.push_frame(frame, direction)
             return
+        if isinstance(frame, (UserStartedSpeakingFrame, LLMFullResponseStartFrame, EndFrame, CancelFrame)):
+            await self._disarm_idle_timeout()
         if isinstance(frame, InputAudioRawFrame):
             self._input_ms += frame.num_frames / frame.sample_rate * 1000
         elif isinstance(frame, UserStartedSpeakingFrame) and state.config.turn_detection is not None:
@@ -513,6 +522,32 @@ class RealtimeOutput(FrameProcessor):
         await self._send(self.state.add_item(item))
         await self._send(server_event("conversation.item.done", item=item))
 
+    async def _arm_idle_timeout(self) -> None:
+        """server_vad ``idle_timeout_ms``: when the user says nothing that long after the agent stopped speaking,
+        the agent speaks again (to prompt them)."""
+        await self._disarm_idle_timeout()
+        vad = self.state.config.turn_detection
+        if vad is not None and vad.idle_timeout_ms:
+            self._idle = self.create_task(self._idle_timeout(vad.idle_timeout_ms / 1000), name="realtime-idle")
+
+    async def _disarm_idle_timeout(self) -> None:
+        task, self._idle = self._idle, None
+        if task is not None and task is not asyncio.current_task():
+            await self.cancel_task(task)
+
+    async def _idle_timeout(self, secs: float) -> None:
+        start_ms = self._input_ms
+        await asyncio.sleep(secs)
+        self._idle = None
+        event = server_event(
+            "input_audio_buffer.timeout_triggered",
+            audio_start_ms=round(start_ms),
+            audio_end_ms=round(self._input_ms),
+            item_id=new_id("item"),
+        )
+        await self._send(event)
+        await self.push_frame(RespondFrame(), FrameDirection.UPSTREAM)  # to the service, which is upstream
+
     # --- responses ---
 
     async def _open_response(self) -> None:
@@ -523,6 +558,7 @@ class RealtimeOutput(FrameProcessor):
         options, state.next_response = state.next_response or state.session_options(), None
         response = _Response(id=new_id("resp"), item_id=new_id("item"), options=options)
         state.response, state.usage, self._last = response, None, response
+        state.latest_answer = response.item_id
         part_type = "text" if options.text_only else "audio"
         item = message_item(response.item_id, "assistant", [], status="in_progress")
         await self._queue(server_event("response.created", response=self._describe(response, "in_progress")))
