@@ -32,6 +32,7 @@ from pipecat.frames.frames import (
     BotStoppedSpeakingFrame,
     CancelFrame,
     EndFrame,
+    ErrorFrame,
     Frame,
     FunctionCallInProgressFrame,
     InputAudioRawFrame,
@@ -158,6 +159,14 @@ class RealtimeState:
         self.items[item["id"]] = dict(item)
         return event
 
+    def commit_user_audio(self, item_id: str | None = None) -> list[dict[str, Any]]:
+        """The events of a committed user audio turn (its item has no transcript: nothing transcribes it)."""
+        item = message_item(item_id or new_id("item"), "user", [{"type": "input_audio", "transcript": None}])
+        committed = server_event(
+            "input_audio_buffer.committed", previous_item_id=self.last_item_id(), item_id=item["id"]
+        )
+        return [committed, self.add_item(item), server_event("conversation.item.done", item=item)]
+
     def session_options(self) -> ResponseOptions:
         return ResponseOptions(
             text_only=self.config.output_modalities == ["text"], max_samples=_max_samples(self.config.max_output_tokens)
@@ -208,6 +217,10 @@ class RealtimeInput(FrameProcessor):
             if isinstance(frame, StartFrame):
                 await self._apply_session(self.state.config)
                 await self._send(server_event("session.created", session=self.state.config.describe()))
+            elif isinstance(frame, ErrorFrame) and direction == FrameDirection.UPSTREAM:
+                # The agent failed (e.g. the engine): say so rather than go quiet.
+                error = {"type": "server_error", "code": "server_error", "message": frame.error, "event_id": None}
+                await self._send(server_event("error", error=error))
 
     async def _send(self, event: dict[str, Any]) -> None:
         await self.push_frame(OutputTransportMessageUrgentFrame(message=event))
@@ -292,15 +305,8 @@ class RealtimeInput(FrameProcessor):
         respond = self.state.config.turn_detection is not None and self.state.config.turn_detection.create_response
         await self.push_frame(EndUserTurnFrame(respond=respond))
         self._turn_open, self._buffered_ms = False, 0.0
-        await self._commit_user_audio_item()
-
-    async def _commit_user_audio_item(self) -> None:
-        item = message_item(new_id("item"), "user", [{"type": "input_audio", "transcript": None}])
-        await self._send(
-            server_event("input_audio_buffer.committed", previous_item_id=self.state.last_item_id(), item_id=item["id"])
-        )
-        await self._send(self.state.add_item(item))
-        await self._send(server_event("conversation.item.done", item=item))
+        for committed in self.state.commit_user_audio():
+            await self._send(committed)
 
     async def _clear(self, event: ClientEvent) -> None:
         await self.push_frame(ClearUserAudioFrame())
@@ -515,12 +521,8 @@ class RealtimeOutput(FrameProcessor):
         await self._send(
             server_event("input_audio_buffer.speech_stopped", audio_end_ms=round(self._input_ms), item_id=item_id)
         )
-        item = message_item(item_id or new_id("item"), "user", [{"type": "input_audio", "transcript": None}])
-        await self._send(
-            server_event("input_audio_buffer.committed", previous_item_id=self.state.last_item_id(), item_id=item["id"])
-        )
-        await self._send(self.state.add_item(item))
-        await self._send(server_event("conversation.item.done", item=item))
+        for committed in self.state.commit_user_audio(item_id):
+            await self._send(committed)
 
     async def _arm_idle_timeout(self) -> None:
         """server_vad ``idle_timeout_ms``: when the user says nothing that long after the agent stopped speaking,
