@@ -16,6 +16,7 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.services.openai.realtime.llm import OpenAIRealtimeLLMService
 from pipecat.workers.runner import WorkerRunner
 from realtime_support import until
+from session_support import Script, speech
 from transports_support import agent_app, serving
 from transports_support import tiny_engine as tiny_engine_fixture  # noqa: F401 (registers the fixture)
 
@@ -58,9 +59,15 @@ async def test_pipecat_openai_realtime_service_gets_audio_from_mimo_voice(tiny_e
         await runner.add_workers(worker)
         running = asyncio.create_task(runner.run())
         try:
-            # Speech, then the silence a microphone goes on sending: server VAD ends the turn, the agent answers.
-            turn = track(0.3, "Hello, how are you today?", 1.5, sample_rate=16_000)
+            assert await until(lambda: any(s.service.session for s in app.state.realtime.values()), timeout=30)
+            (state,) = app.state.realtime.values()
+            # Forced words, so that each answer surely speaks (babble may end before any audio).
+            greeting, reply = speech(tiny_engine, "Hello there.", 8), speech(tiny_engine, "I am fine.", 8)
+            state.service.session.text_hook = Script(greeting, reply)
+            # The context starts a first answer; then speech, and the silence a microphone goes on sending: server
+            # VAD ends the turn and the agent answers it.
             await worker.queue_frame(LLMContextFrame(LLMContext()))
+            turn = track(0.3, "Hello, how are you today?", 1.5, sample_rate=16_000)
             step = int(16_000 * CHUNK_SECS)
             for offset in range(0, len(turn.pcm), step):
                 chunk = turn.pcm[offset : offset + step].tobytes()
@@ -71,12 +78,17 @@ async def test_pipecat_openai_realtime_service_gets_audio_from_mimo_voice(tiny_e
             pcm = np.frombuffer(b"".join(f.audio for f in collector.audio), np.int16)
             assert collector.audio[0].sample_rate == 24_000 and np.abs(pcm).max() > 1000
             assert app.state.hub.sessions, "the client is counted as a session"
-            (state,) = app.state.realtime.values()
 
             def heard_speech() -> bool:
                 return any(t.role == "user" and t.audio_seconds > 1 for t in state.service.session.history)
 
             assert await until(heard_speech, timeout=60), "the user's speech never made a turn"
+
+            def answered() -> bool:  # the greeting may be cut by the user's speech; the reply to it must come
+                return any(t.role == "assistant" and t.text == "I am fine." for t in state.service.session.history)
+
+            assert await until(answered, timeout=90), state.service.session.history
+            assert await until(lambda: collector.seconds > 1.2, timeout=30), "the reply's audio did not come back"
         finally:
             await worker.cancel()
             await asyncio.wait_for(running, 30)

@@ -75,6 +75,8 @@ async def user_speech(rate: int = 24_000) -> bytes:
 async def test_a_server_vad_turn_from_streamed_speech_gets_audio_and_response_done(tiny_engine):
     app = app_for(tiny_engine)
     async with serving(app) as base_url, realtime(base_url) as (connection, events):
+        # The words are forced so that the answer surely speaks (babble may end before any audio).
+        session_of(app, events).text_hook = Script(speech(tiny_engine, "Hi there, nice to meet you.", 8))
         await stream(connection, await user_speech(), PCM_BYTES_PER_SEC)
         silence = stream(connection, bytes(PCM_BYTES_PER_SEC * 2), PCM_BYTES_PER_SEC)  # as a microphone goes on
         await silence
@@ -94,7 +96,7 @@ async def test_a_server_vad_turn_from_streamed_speech_gets_audio_and_response_do
         assert len(audio) > 0.2 * 24_000 and rms(audio) > AUDIBLE_RMS
         said = "".join(e["delta"] for e in events.of("response.output_audio_transcript.delta"))
         item = response["output"][0]
-        assert item["role"] == "assistant" and item["content"][0]["transcript"] == said
+        assert item["role"] == "assistant" and item["content"][0]["transcript"] == said == "Hi there, nice to meet you."
         assert response["usage"]["output_tokens"] > 0
 
 

@@ -60,6 +60,7 @@ from .protocol import (
     ItemIdEvent,
     ProtocolError,
     ResponseCreateEvent,
+    ServerVAD,
     SessionConfig,
     SessionUpdateEvent,
     TruncateEvent,
@@ -149,14 +150,15 @@ class RealtimeState:
     pending_calls: dict[str, Any] = field(default_factory=dict)  # call_id -> pipecat result callback
     usage: LLMUsageMetricsData | None = None
     latest_answer: str | None = None  # item id of the newest assistant message: the only one that can be cut
+    answer_ms: dict[str, float] = field(default_factory=dict)  # audio generated per assistant item
     service: MiMoAudioService = field(init=False)  # set once the pipeline that creates it is built
 
     def last_item_id(self) -> str | None:
         return next(reversed(self.items), None)
 
     def add_item(self, item: dict[str, Any]) -> dict[str, Any]:
-        event = server_event("conversation.item.added", previous_item_id=self.last_item_id(), item=_public(item))
-        self.items[item["id"]] = dict(item)
+        event = server_event("conversation.item.added", previous_item_id=self.last_item_id(), item=item)
+        self.items[item["id"]] = item
         return event
 
     def commit_user_audio(self, item_id: str | None = None) -> list[dict[str, Any]]:
@@ -180,13 +182,10 @@ def _max_samples(max_tokens: int | str) -> int | None:
 
 def initial_config(config: Config, model: str | None) -> SessionConfig:
     """The session before any update: this server's VAD settings, instructions and mode."""
-    session = SessionConfig(
-        model=model or "mimo-audio", instructions=config.agent.system_prompt, mode=config.agent.mode
+    vad = ServerVAD(threshold=config.vad.confidence, silence_duration_ms=round(config.vad.stop_secs * 1000))
+    return SessionConfig(
+        model=model or "mimo-audio", instructions=config.agent.system_prompt, mode=config.agent.mode, turn_detection=vad
     )
-    assert session.turn_detection is not None
-    session.turn_detection.threshold = config.vad.confidence
-    session.turn_detection.silence_duration_ms = round(config.vad.stop_secs * 1000)
-    return session
 
 
 class RealtimeInput(FrameProcessor):
@@ -372,7 +371,7 @@ class RealtimeInput(FrameProcessor):
         item = self.state.items.get(event.item_id)
         if item is None or item.get("role") != "assistant":
             raise ProtocolError("item_not_found", f"no assistant item {event.item_id!r}", event.event_id, "item_id")
-        sent_ms = item.get("_audio_ms", 0)
+        sent_ms = self.state.answer_ms.get(event.item_id, 0.0)
         if event.audio_end_ms > sent_ms + 1:
             raise ProtocolError(
                 "invalid_value",
@@ -403,7 +402,7 @@ class RealtimeInput(FrameProcessor):
         item = self.state.items.get(event.item_id)
         if item is None:
             raise ProtocolError("item_not_found", f"no item {event.item_id!r}", event.event_id, "item_id")
-        await self._send(server_event("conversation.item.retrieved", item=_public(item)))
+        await self._send(server_event("conversation.item.retrieved", item=item))
 
     # --- responses ---
 
@@ -468,7 +467,7 @@ class RealtimeOutput(FrameProcessor):
             await self._open_response()
         elif isinstance(frame, TTSAudioRawFrame) and response is not None:
             response.samples += frame.num_frames * SAMPLE_RATE // frame.sample_rate
-            state.items[response.item_id]["_audio_ms"] = response.samples / SAMPLES_PER_MS
+            state.answer_ms[response.item_id] = response.samples / SAMPLES_PER_MS
             if response.options.text_only:
                 return  # the model always speaks; a text-only client gets the words alone
         elif isinstance(frame, TTSTextFrame) and response is not None and not response.options.text_only:
@@ -637,13 +636,10 @@ class RealtimeOutput(FrameProcessor):
         item = message_item(
             response.item_id, "assistant", [content], status="completed" if status == "completed" else "incomplete"
         )
-        item["_audio_ms"] = response.samples / SAMPLES_PER_MS
         self.state.items[response.item_id] = item
-        await send(
-            server_event("response.output_item.done", response_id=response.id, output_index=0, item=_public(item))
-        )
-        await send(server_event("conversation.item.done", item=_public(item)))
-        response.outputs = [_public(item), *(o for o in response.outputs if o.get("id") != response.item_id)]
+        await send(server_event("response.output_item.done", response_id=response.id, output_index=0, item=item))
+        await send(server_event("conversation.item.done", item=item))
+        response.outputs = [item, *(o for o in response.outputs if o.get("id") != response.item_id)]
         await send(server_event("response.done", response=self._describe(response, status)))
 
     def _final_text(self, response: _Response) -> str:
@@ -686,10 +682,6 @@ def _status_details(status: str, response: _Response) -> dict[str, Any] | None:
     if status == "incomplete":
         return {"type": "incomplete", "reason": "max_output_tokens"}
     return None
-
-
-def _public(item: dict[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in item.items() if not key.startswith("_")}
 
 
 def _id(response: _Response | None) -> str | None:
