@@ -203,7 +203,7 @@ class MiMoAudioService(LLMService):
             self._extra_tool_schemas = list(tool_schemas)
         if self._session is None:
             return
-        if self._session.history or self._generation is not None:
+        if self._session.history or self._generation is not None or self._streaming_user_audio:
             await self._session.add_text("system", self._system_prompt())
             return
         old, self._session = self._session, self._new_session()

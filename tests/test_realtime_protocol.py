@@ -91,3 +91,24 @@ async def test_the_key_comes_as_bearer_or_browser_subprotocol_and_slots_are_shar
         assert await until(lambda: not app.state.hub.sessions, timeout=10), "the browser's slot was not freed"
         async with realtime(base_url, api_key="s3cret") as (_connection, events):
             assert events.of("session.created")
+
+
+async def test_items_can_be_added_retrieved_and_deleted(tiny_engine):
+    note = {"type": "message", "role": "system", "content": [{"type": "input_text", "text": "Speak slowly."}]}
+    async with serving(agent_app(tiny_engine)) as base_url, realtime(base_url) as (connection, events):
+        await connection.conversation.item.create(item={**note, "id": "item_note"})
+        added = await events.next("conversation.item.added")
+        assert added["item"]["id"] == "item_note" and added["item"]["content"][0]["text"] == "Speak slowly."
+        await connection.conversation.item.retrieve(item_id="item_note")
+        assert (await events.next("conversation.item.retrieved"))["item"]["role"] == "system"
+        await connection.conversation.item.delete(item_id="item_note")
+        assert (await events.next("conversation.item.deleted"))["item_id"] == "item_note"
+        await connection.send_raw(
+            json.dumps({"type": "conversation.item.retrieve", "event_id": "r", "item_id": "item_note"})
+        )
+        assert (await _error_for(events, "r"))["code"] == "item_not_found"
+        assistant = {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Hi"}]}
+        await connection.send_raw(json.dumps({"type": "conversation.item.create", "event_id": "a", "item": assistant}))
+        assert (await _error_for(events, "a"))["code"] == "unsupported_item"
+        await connection.send_raw(json.dumps({"type": "response.cancel", "event_id": "c"}))
+        assert (await _error_for(events, "c"))["code"] == "response_cancel_not_active"

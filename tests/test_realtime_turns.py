@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from fixtures.speech import track
 from pipecat.audio.utils import create_stream_resampler, pcm_to_ulaw, ulaw_to_pcm
-from realtime_support import realtime, resampled, stream, until
+from realtime_support import b64, realtime, resampled, stream, until
 from session_support import Script, speech
 from transports_support import agent_app, serving
 from transports_support import tiny_engine as tiny_engine_fixture  # noqa: F401 (registers the fixture)
@@ -252,3 +252,21 @@ async def test_g711_mulaw_in_and_alaw_out(tiny_engine):
         assert rms(pcm) > AUDIBLE_RMS
         user_turn = session_of(app, events).history[0]
         assert user_turn.role == "user" and abs(user_turn.audio_seconds - turn.duration) < 0.3
+
+
+async def test_a_user_audio_item_is_a_turn_without_the_buffer(tiny_engine):
+    app = app_for(tiny_engine)
+    async with serving(app) as base_url, realtime(base_url) as (connection, events):
+        await connection.session.update(session=MANUAL_TURNS)
+        await events.next("session.updated")
+        audio = await user_speech()
+        item = {"type": "message", "role": "user", "content": [{"type": "input_audio", "audio": b64(audio)}]}
+        await connection.conversation.item.create(item=item)
+        added = await events.next("conversation.item.added")
+        assert added["item"]["role"] == "user" and added["item"]["content"][0]["type"] == "input_audio"
+        session_of(app, events).text_hook = Script(speech(tiny_engine, "Hi there.", 5))
+        await connection.response.create()
+        done = await events.next("response.done", timeout=90)
+        assert done["response"]["status"] == "completed"
+        user_turn = session_of(app, events).history[0]
+        assert user_turn.role == "user" and abs(user_turn.audio_seconds - len(audio) / PCM_BYTES_PER_SEC) < 0.3
