@@ -78,12 +78,12 @@ class ServerVAD(_Lenient):
     """Turns by voice activity (the project's VAD). ``semantic_vad`` is taken as server VAD with its defaults."""
 
     type: Literal["server_vad", "semantic_vad"] = "server_vad"
-    threshold: float = Field(0.5, ge=0.0, le=1.0)
-    prefix_padding_ms: int = Field(300, ge=0, le=5000)
-    silence_duration_ms: int = Field(500, ge=0, le=10000)
+    threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    prefix_padding_ms: int = Field(default=300, ge=0, le=5000)
+    silence_duration_ms: int = Field(default=500, ge=0, le=10000)
     create_response: bool = True
     interrupt_response: bool = True
-    idle_timeout_ms: int | None = Field(None, ge=1000)
+    idle_timeout_ms: int | None = Field(default=None, ge=1000)
     eagerness: Literal["low", "medium", "high", "auto"] | None = None
 
 
@@ -115,8 +115,8 @@ class MimoExtension(_Lenient):
 
 
 class InputAudio(_Lenient):
-    format: Annotated[AudioFormat | None, Field(None)] = None
-    turn_detection: ServerVAD | None = Field(default_factory=ServerVAD)
+    format: AudioFormat | None = None
+    turn_detection: ServerVAD | None = ServerVAD()  # pydantic copies it per instance
 
     @field_validator("format", mode="before")
     @classmethod
@@ -164,19 +164,23 @@ class SessionUpdate(_Lenient):
         return _format(value)
 
 
+def _audio_only() -> Modalities:
+    return ["audio"]
+
+
 class SessionConfig(BaseModel):
     """The session as it stands (what ``session.created``/``updated`` describe)."""
 
     id: str = Field(default_factory=lambda: new_id("sess"))
     model: str = "mimo-audio"
     instructions: str = ""
-    output_modalities: Modalities = Field(default_factory=lambda: ["audio"])
+    output_modalities: Modalities = Field(default_factory=lambda: _audio_only())
     tools: list[FunctionTool] = Field(default_factory=list)
     tool_choice: ToolChoice = "auto"
     max_output_tokens: MaxTokens = "inf"
     input_format: AudioFormat = Field(default_factory=AudioFormat)
     output_format: AudioFormat = Field(default_factory=AudioFormat)
-    turn_detection: ServerVAD | None = Field(default_factory=ServerVAD)
+    turn_detection: ServerVAD | None = ServerVAD()  # pydantic copies it per instance
     voice: str = "mimo"
     mode: Literal["thinking", "non_thinking"] = "non_thinking"
 
@@ -303,7 +307,7 @@ class ItemCreateEvent(ClientEvent):
 
 class TruncateEvent(ClientEvent):
     item_id: str
-    content_index: int = Field(0, ge=0)
+    content_index: int = Field(default=0, ge=0)
     audio_end_ms: int = Field(ge=0)
 
 
@@ -342,7 +346,7 @@ class ProtocolError(ValueError):
         self.code, self.message, self.event_id, self.param = code, message, event_id, param
 
     def event(self) -> dict[str, Any]:
-        error = {"type": "invalid_request_error", "code": self.code, "message": self.message}
+        error: dict[str, str | None] = {"type": "invalid_request_error", "code": self.code, "message": self.message}
         error |= {"param": self.param, "event_id": self.event_id}
         return {"type": "error", "error": error}
 

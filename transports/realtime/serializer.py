@@ -81,7 +81,7 @@ class RealtimeSerializer(FrameSerializer):
         self._audio_part: dict[str, Any] | None = None  # ids of the audio part that output audio belongs to
         self._closed: set[tuple[str, str, str]] = set()  # closing events already sent
 
-    async def setup(self, setup: FrameProcessorSetup) -> None:
+    async def setup(self, setup: FrameProcessorSetup) -> None:  # type: ignore[override]  # as FrameSerializer
         self._in_rate = setup.audio_in_sample_rate or self._in_rate
 
     # --- in ---

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -226,7 +227,7 @@ class RealtimeInput(FrameProcessor):
 
     async def _handle(self, frame: ClientEventFrame) -> None:
         event = frame.event
-        handlers = {
+        handlers: dict[str, Callable[[Any], Awaitable[None]]] = {
             "session.update": self._session_update,
             "input_audio_buffer.commit": self._commit,
             "input_audio_buffer.clear": self._clear,
