@@ -40,10 +40,12 @@ class AddTextFrame(SystemFrame):
 @dataclass
 class RespondFrame(SystemFrame):
     """Answer now. ``instructions`` go in first as a system note for this answer only; ``max_samples`` (24 kHz)
-    cuts the answer once that much audio was generated."""
+    cuts the answer once that much audio was generated; ``text_only`` (None: the service's default) says the client
+    reads the words and plays no audio."""
 
     instructions: str | None = None
     max_samples: int | None = None
+    text_only: bool | None = None
 
 
 @dataclass

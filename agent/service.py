@@ -112,6 +112,7 @@ TOOL_CALL_METADATA = "mimo_tool_call_id"
 class _Response:
     context_id: str
     speech: _SpeechText
+    text_only: bool = False  # the client reads the words and plays no audio
     generated_samples: int = 0  # 24 kHz samples pushed so far
 
 
@@ -156,6 +157,10 @@ class MiMoAudioService(LLMService):
         self._instructions = config.agent.system_prompt
         self._extra_tool_schemas: list[dict[str, Any]] = []
         self.auto_respond = True  # answer when a user turn ends (a Realtime client may turn it off)
+        # A text-only client gets every word at once and plays no audio: a cut answer is kept whole, not rolled
+        # back to the audio played. RespondFrame.text_only overrides it for one answer.
+        self.text_only = False
+        self._answer_text_only = False
         if tools is not None:
             tools.register_with(self)
         self.playback = PlaybackTracker()
@@ -354,7 +359,8 @@ class MiMoAudioService(LLMService):
             if frame.instructions:
                 await self._session.add_text("system", frame.instructions)
             self._tool_rounds = 0
-            await self._start_generation(None, max_samples=frame.max_samples)
+            text_only = self.text_only if frame.text_only is None else frame.text_only
+            await self._start_generation(None, max_samples=frame.max_samples, text_only=text_only)
 
     # --- context, modes ---
 
@@ -402,10 +408,16 @@ class MiMoAudioService(LLMService):
     # --- generation ---
 
     async def _start_generation(
-        self, ttfb_start: float | None, *, acknowledge: bool = False, max_samples: int | None = None
+        self,
+        ttfb_start: float | None,
+        *,
+        acknowledge: bool = False,
+        max_samples: int | None = None,
+        text_only: bool | None = None,
     ) -> None:
         await self._stop_response()  # one answer at a time per session
         self._results_awaiting_response = False
+        self._answer_text_only = self.text_only if text_only is None else text_only
         self._generation = self.create_task(
             self._converse(ttfb_start, acknowledge, max_samples), name=f"{self}::converse"
         )
@@ -434,11 +446,12 @@ class MiMoAudioService(LLMService):
             await self.push_frame(LLMFullResponseEndFrame())
 
     def _still_playing(self, response: _Response) -> bool:
-        return self.playback.attached and not self.playback.played_out(response.context_id)
+        attached = self.playback.attached and not response.text_only
+        return attached and not self.playback.played_out(response.context_id)
 
     def _played_samples(self, response: _Response) -> int | None:
-        if not self.playback.attached:
-            return None  # no output transport to ask: stop without rolling back
+        if not self.playback.attached or response.text_only:
+            return None  # no output transport to ask, or nothing to hear: stop without rolling back
         return min(self.playback.played_samples(response.context_id), response.generated_samples)
 
     async def _converse(self, ttfb_start: float | None, acknowledge: bool, max_samples: int | None = None) -> None:
@@ -475,7 +488,7 @@ class MiMoAudioService(LLMService):
         "again" (in a call that cannot be made: the model must speak again) or "stopped" (too many calls). With
         ``max_samples`` the turn is cut (not rolled back) once that much audio was generated."""
         speech = _SpeechText(self)
-        response = _Response(context_id=str(uuid.uuid4()), speech=speech)
+        response = _Response(context_id=str(uuid.uuid4()), speech=speech, text_only=self._answer_text_only)
         self._response = response
         await self.start_processing_metrics()
         await self.start_ttfb_metrics(start_time=ttfb_start)

@@ -157,3 +157,23 @@ async def test_idle_timeout_prompts_the_user_after_silence(tiny_engine):
         assert prompt["response"]["id"] != first["response"]["id"]
         assert prompt["response"]["output"][0]["content"][0]["transcript"] == "Still there?"
         assert not events.of("input_audio_buffer.speech_started")
+
+
+async def test_a_cancelled_text_only_answer_is_kept_as_sent(tiny_engine):
+    app = agent_app(tiny_engine)
+    async with serving(app) as base_url, realtime(base_url) as (connection, events):
+        text_only = {"type": "realtime", "output_modalities": ["text"], "audio": {"input": {"turn_detection": None}}}
+        await connection.session.update(session=text_only)
+        await events.next("session.updated")
+        session_of(app, events).text_hook = Script(speech(tiny_engine, LONG_ANSWER, 40))
+        await connection.conversation.item.create(item=ASK)
+        await connection.response.create()
+        assert await until(lambda: len(events.of("response.output_text.delta")) >= 6, timeout=60)
+        await connection.response.cancel()
+        done = await events.next("response.done", timeout=60)
+        assert done["response"]["status"] == "cancelled"
+        sent = "".join(e["delta"] for e in events.of("response.output_text.delta"))
+        assert done["response"]["output"][0]["content"][0]["text"] == sent
+        last = session_of(app, events).history[-1]
+        # Not rolled back to audio nobody played: the model remembers at least what the client read.
+        assert last.role == "assistant" and last.interrupted and last.text.startswith(sent) and sent

@@ -258,6 +258,7 @@ class RealtimeInput(FrameProcessor):
         vad = config.turn_detection
         state.vad.enabled = vad is not None
         service.auto_respond = vad is None or vad.create_response
+        service.text_only = config.output_modalities == ["text"]
         if vad is not None:
             state.vad.set_params(
                 VADParams(
@@ -423,7 +424,8 @@ class RealtimeInput(FrameProcessor):
             options.max_samples = _max_samples(max_tokens)
         self.state.next_response = options
         self._turn_open, self._buffered_ms = False, 0.0
-        await self.push_frame(RespondFrame(instructions=params.instructions, max_samples=options.max_samples))
+        respond = RespondFrame(params.instructions, max_samples=options.max_samples, text_only=options.text_only)
+        await self.push_frame(respond)
 
     async def _response_cancel(self, event: Any) -> None:
         response = self.state.response
@@ -646,8 +648,8 @@ class RealtimeOutput(FrameProcessor):
     def _final_text(self, response: _Response) -> str:
         """What was said; for a cut response, what the user heard (the session's rolled-back transcript)."""
         text = "".join(response.transcript)
-        if response.status != "cancelled" or self.state.service.session is None:
-            return text
+        if response.status != "cancelled" or response.options.text_only or self.state.service.session is None:
+            return text  # text goes out whole
         history = self.state.service.session.history
         last = history[-1] if history else None
         return last.text if last is not None and last.role == "assistant" and last.interrupted else text
