@@ -91,6 +91,10 @@ def _new_state(hub: SessionHub, model: str | None) -> RealtimeState:
     )
 
 
+def _wants_beta(websocket: WebSocket) -> bool:
+    return "realtime=v1" in websocket.headers.get("openai-beta", "")
+
+
 async def _run(websocket: WebSocket, hub: SessionHub, state: RealtimeState) -> None:
     transport = FastAPIWebsocketTransport(
         websocket,
@@ -98,9 +102,7 @@ async def _run(websocket: WebSocket, hub: SessionHub, state: RealtimeState) -> N
             audio_in_enabled=True,
             audio_out_enabled=True,
             add_wav_header=False,
-            serializer=RealtimeSerializer(
-                state.formats, beta="realtime=v1" in websocket.headers.get("openai-beta", "")
-            ),
+            serializer=RealtimeSerializer(state.formats, beta=_wants_beta(websocket), done=state.done_sent),
         ),
     )
     # One response per response.create: no separate spoken acknowledgement before a thinking answer.

@@ -69,11 +69,13 @@ class AudioFormats:
 
 
 class RealtimeSerializer(FrameSerializer):
-    """``beta``: send the beta names of the server events that were renamed for GA."""
+    """``beta``: send the beta names of the server events that were renamed for GA. ``done`` collects the ids of
+    the responses whose ``response.done`` went out (a shared set: the session reads it)."""
 
-    def __init__(self, formats: AudioFormats, *, beta: bool = False) -> None:
+    def __init__(self, formats: AudioFormats, *, beta: bool = False, done: set[str] | None = None) -> None:
         super().__init__()
         self.formats = formats
+        self.done = set() if done is None else done  # ids of the responses whose response.done was sent
         self._names = BETA_SERVER_NAMES if beta else {}
         self._in_rate = 16_000  # the pipeline's input rate, from setup()
         self._in_resampler = create_stream_resampler()
@@ -120,6 +122,8 @@ class RealtimeSerializer(FrameSerializer):
             self._audio_part = {key: event[key] for key in ("response_id", "item_id", "output_index", "content_index")}
         elif kind in ("response.output_audio.done", "response.done"):
             self._audio_part = None
+        if kind == "response.done":
+            self.done.add(event["response"]["id"])
         event = {"event_id": new_id("event"), **event, "type": self._names.get(kind, kind)}
         return json.dumps(event, ensure_ascii=False)
 

@@ -152,6 +152,7 @@ class RealtimeState:
     usage: LLMUsageMetricsData | None = None
     latest_answer: str | None = None  # item id of the newest assistant message: the only one that can be cut
     answer_ms: dict[str, float] = field(default_factory=dict)  # audio generated per assistant item
+    done_sent: set[str] = field(default_factory=set)  # responses whose response.done went out (the serializer adds)
     service: MiMoAudioService = field(init=False)  # set once the pipeline that creates it is built
 
     def last_item_id(self) -> str | None:
@@ -257,7 +258,7 @@ class RealtimeInput(FrameProcessor):
         state.formats.input, state.formats.output = config.input_format, config.output_format
         vad = config.turn_detection
         state.vad.enabled = vad is not None
-        service.auto_respond = vad is None or vad.create_response
+        service.auto_respond = vad is not None and vad.create_response
         service.text_only = config.output_modalities == ["text"]
         if vad is not None:
             state.vad.set_params(
@@ -275,6 +276,10 @@ class RealtimeInput(FrameProcessor):
             previous.tools,
             previous.tool_choice,
         ):
+            for gone in (
+                {tool.name for tool in previous.tools} - {tool.name for tool in config.tools} if previous else ()
+            ):
+                service.unregister_function(gone)
             for tool in config.tools:
                 service.register_function(tool.name, self._client_tool, cancel_on_interruption=False)
             await service.set_instructions(_instructions(config), [t.schema_for_prompt() for t in _offered(config)])
@@ -348,18 +353,18 @@ class RealtimeInput(FrameProcessor):
         await self._send(server_event("conversation.item.done", item=created))
 
     async def _message(self, item_id: str, item: Any, event_id: str | None) -> dict[str, Any]:
+        """A user or system message into the conversation; every part is checked before any goes in."""
+        parts: list[str | bytes] = []  # text, or decoded user audio
         content: list[dict[str, Any]] = []
         for part in item.content:
             if part.type in ("input_text", "text") and part.text:
-                await self.push_frame(AddTextFrame(item.role, part.text))
+                parts.append(part.text)
                 content.append({"type": "input_text", "text": part.text})
             elif part.type == "input_audio" and part.audio and item.role == "user":
-                pcm = await decode_audio(
-                    part.audio, self.state.formats.input, PIPELINE_IN_RATE, create_stream_resampler(), event_id
+                resampler = create_stream_resampler()
+                parts.append(
+                    await decode_audio(part.audio, self.state.formats.input, PIPELINE_IN_RATE, resampler, event_id)
                 )
-                await self.push_frame(StartUserTurnFrame())
-                await self.push_frame(InputAudioRawFrame(audio=pcm, sample_rate=PIPELINE_IN_RATE, num_channels=1))
-                await self.push_frame(EndUserTurnFrame(respond=False))
                 content.append({"type": "input_audio", "transcript": part.transcript})
             else:
                 raise ProtocolError(
@@ -367,6 +372,14 @@ class RealtimeInput(FrameProcessor):
                 )
         if not content:
             raise ProtocolError("invalid_value", "the message has no content", event_id, "item.content")
+        for text_or_pcm in parts:
+            if isinstance(text_or_pcm, str):
+                await self.push_frame(AddTextFrame(item.role, text_or_pcm))
+            else:
+                await self.push_frame(StartUserTurnFrame())
+                frame = InputAudioRawFrame(audio=text_or_pcm, sample_rate=PIPELINE_IN_RATE, num_channels=1)
+                await self.push_frame(frame)
+                await self.push_frame(EndUserTurnFrame(respond=False))
         return message_item(item_id, item.role, content)
 
     async def _truncate(self, event: TruncateEvent) -> None:
@@ -485,16 +498,21 @@ class RealtimeOutput(FrameProcessor):
                 await self._close_response(response, urgent=False)
         elif isinstance(frame, FunctionCallInProgressFrame) and response is not None:
             await self._function_call(response, frame)
-        elif isinstance(frame, InterruptionFrame) and (response or self._last) is not None:
+        elif isinstance(frame, InterruptionFrame) and (cut := self._cut_by_interruption()) is not None:
             await self.push_frame(frame, direction)
-            cut = response or self._last
-            assert cut is not None
             cut.status = "cancelled"
             await self._close_response(cut, urgent=True)  # the output dropped what was queued; sent copies are skipped
             return
         elif isinstance(frame, (EndFrame, CancelFrame)):
             state.pending_calls.clear()
         await self.push_frame(frame, direction)
+
+    def _cut_by_interruption(self) -> _Response | None:
+        """The response an interruption cuts: the one in flight, or the last one if it has not fully gone out."""
+        if self.state.response is not None:
+            return self.state.response
+        last = self._last
+        return last if last is not None and last.id not in self.state.done_sent else None
 
     async def _queue(self, event: dict[str, Any]) -> None:
         """In order with the response's audio."""
