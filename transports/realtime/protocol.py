@@ -1,9 +1,10 @@
 """The OpenAI Realtime protocol as mimo-voice speaks it: session configuration, client events, server events.
 
-Client events are validated with pydantic (GA names; the beta names and the beta's flat session fields are
-accepted too). Server events are plain dicts built here, in GA names, so that every event the endpoint sends has
-one definition. Unknown session fields are ignored (clients send voice, transcription, tracing... settings that
-have no meaning here); known fields with bad values are refused with an ``error`` event.
+Client events are validated with pydantic (the beta's flat session fields are accepted next to the GA ones; the
+event names themselves did not change). Server events are plain dicts built here, in GA names (a beta client gets
+the beta names, see ``BETA_SERVER_NAMES``), so that every event the endpoint sends has one definition. Unknown
+session fields are ignored (clients send voice, transcription, tracing... settings that have no meaning here);
+known fields with bad values are refused with an ``error`` event.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-INPUT_RATE_PCM = OUTPUT_RATE_PCM = 24_000
+PCM_RATE = 24_000
 G711_RATE = 8_000
 # Server events whose beta name differs; a client that sends "OpenAI-Beta: realtime=v1" gets the beta names. (Client
 # events kept their names from beta to GA; what changed there is the session's shape, which both parse.)
@@ -45,13 +46,13 @@ class AudioFormat(_Lenient):
 
     @property
     def sample_rate(self) -> int:
-        return INPUT_RATE_PCM if self.type == "audio/pcm" else G711_RATE
+        return PCM_RATE if self.type == "audio/pcm" else G711_RATE
 
     @field_validator("rate")
     @classmethod
     def _rate_matches(cls, rate: int, info: Any) -> int:
         kind = info.data.get("type", "audio/pcm")
-        if kind == "audio/pcm" and rate != INPUT_RATE_PCM:
+        if kind == "audio/pcm" and rate != PCM_RATE:
             raise ValueError("audio/pcm is 24000 Hz")
         return rate
 
@@ -136,8 +137,8 @@ class OutputAudio(_Lenient):
 
 
 class AudioConfig(_Lenient):
-    input: dict[str, Any] | None = None
-    output: dict[str, Any] | None = None
+    input: InputAudio | None = None
+    output: OutputAudio | None = None
 
 
 class SessionUpdate(_Lenient):
@@ -242,13 +243,11 @@ def _describe_format(audio_format: AudioFormat) -> dict[str, Any]:
 def _audio_changes(audio: AudioConfig) -> dict[str, Any]:
     changes: dict[str, Any] = {}
     if audio.input is not None:
-        given = InputAudio.model_validate(audio.input)
-        if given.format is not None:
-            changes["input_format"] = given.format
-        if "turn_detection" in given.model_fields_set:
-            changes["turn_detection"] = given.turn_detection
-    if audio.output is not None:
-        output = OutputAudio.model_validate(audio.output)
+        if audio.input.format is not None:
+            changes["input_format"] = audio.input.format
+        if "turn_detection" in audio.input.model_fields_set:
+            changes["turn_detection"] = audio.input.turn_detection
+    if (output := audio.output) is not None:
         if output.format is not None:
             changes["output_format"] = output.format
         if output.voice:

@@ -31,7 +31,15 @@ from pipecat.frames.frames import (
 from pipecat.processors.frame_processor import FrameProcessorSetup
 from pipecat.serializers.base_serializer import FrameSerializer
 
-from .protocol import BETA_SERVER_NAMES, AudioFormat, ClientEvent, ProtocolError, new_id, parse_client_event
+from .protocol import (
+    BETA_SERVER_NAMES,
+    AppendEvent,
+    AudioFormat,
+    ClientEvent,
+    ProtocolError,
+    new_id,
+    parse_client_event,
+)
 
 CLOSING_EVENTS = {
     "response.output_audio.done",
@@ -91,9 +99,9 @@ class RealtimeSerializer(FrameSerializer):
     async def deserialize(self, data: str | bytes) -> Frame | None:
         try:
             event = parse_client_event(_json(data))
-            if event.type != "input_audio_buffer.append":
+            if not isinstance(event, AppendEvent):
                 return ClientEventFrame(event=event)
-            pcm = await self.decode_audio(event.audio, event.event_id)  # type: ignore[attr-defined]
+            pcm = await self.decode_audio(event.audio, event.event_id)
             return ClientEventFrame(event=event, audio=pcm, sample_rate=self._in_rate)
         except ProtocolError as exc:
             return ClientErrorFrame(error=exc)
