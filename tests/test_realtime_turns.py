@@ -123,7 +123,8 @@ async def test_a_client_driven_turn_waits_for_response_create(tiny_engine):
         assert [(t.role, t.text) for t in history] == [("user", ""), ("assistant", "Hi there.")]
 
 
-async def test_response_cancel_stops_and_rolls_back_to_what_was_sent(tiny_engine):
+@pytest.mark.parametrize("stop", ["response.cancel", "output_audio_buffer.clear"])
+async def test_cancel_stops_and_rolls_back_to_what_was_sent(tiny_engine, stop):
     app = app_for(tiny_engine)
     async with serving(app) as base_url, realtime(base_url) as (connection, events):
         await connection.session.update(session=MANUAL_TURNS)
@@ -135,7 +136,7 @@ async def test_response_cancel_stops_and_rolls_back_to_what_was_sent(tiny_engine
         await connection.response.create()
         created = await events.next("response.created")
         await events.next("response.output_audio.delta")
-        await connection.response.cancel()
+        await connection.send_raw(json.dumps({"type": stop}))
         done = await events.next("response.done", timeout=60)
         assert done["response"]["id"] == created["response"]["id"]
         assert done["response"]["status"] == "cancelled"
