@@ -3,7 +3,7 @@
 The key comes as ``Authorization: Bearer <key>`` (SDKs, pipecat, LiveKit) or, from browsers, as the subprotocol
 ``openai-insecure-api-key.<key>``; the connection is then accepted with the subprotocol ``realtime``. A wrong key
 gets HTTP 401 and a full server HTTP 503, both before the upgrade. The pipeline is the agent's own
-(``agent.pipeline.create_worker``) with the Realtime processors of session.py around the service.
+(``agent.pipeline.create_worker``) with the Realtime processors (client_events.py, responses.py) around the service.
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ from pipecat.transports.websocket.fastapi import FastAPIWebsocketParams, FastAPI
 from pipecat.workers.runner import WorkerRunner
 
 from ..metrics import TurnMetricsObserver
+from .client_events import RealtimeInput
+from .responses import RealtimeOutput
 from .serializer import AudioFormats, RealtimeSerializer
-from .session import RealtimeInput, RealtimeOutput, RealtimeState, SwitchableVAD, initial_config
+from .session import RealtimeState, SwitchableVAD, initial_config
 
 if TYPE_CHECKING:
     from ..server import SessionHub
