@@ -10,10 +10,22 @@ from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import numpy as np
+import pytest
+from mimo_voice.configs import load_config
 from openai import AsyncOpenAI
 from pipecat.audio.utils import create_stream_resampler
 
 CHUNK_SECS = 0.04
+
+
+@pytest.fixture(scope="module")
+def tiny_engine():
+    """The embedded tiny engine, shared by one module's tests; its sessions take a ``text_hook`` (forced words)."""
+    from mimo_voice.streaming.engine.engine import Engine
+
+    engine = Engine.load(load_config(None))
+    yield engine
+    asyncio.run(engine.aclose())
 
 
 class Events:

@@ -13,9 +13,9 @@ import websockets
 from fixtures.speech import track
 from pipecat.audio.utils import alaw_to_pcm, create_stream_resampler
 from realtime_support import realtime, resampled, stream, until
+from realtime_support import tiny_engine as tiny_engine_fixture  # noqa: F401 (registers the fixture)
 from session_support import Script, speech
 from transports_support import agent_app, serving
-from transports_support import tiny_engine as tiny_engine_fixture  # noqa: F401 (registers the fixture)
 
 pytestmark = pytest.mark.timeout(300)
 

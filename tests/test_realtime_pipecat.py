@@ -15,10 +15,10 @@ from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.services.openai.realtime.llm import OpenAIRealtimeLLMService
 from pipecat.workers.runner import WorkerRunner
+from realtime_support import tiny_engine as tiny_engine_fixture  # noqa: F401 (registers the fixture)
 from realtime_support import until
 from session_support import Script, speech
 from transports_support import agent_app, serving
-from transports_support import tiny_engine as tiny_engine_fixture  # noqa: F401 (registers the fixture)
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -9,8 +9,8 @@ import pytest
 import websockets
 from openai import AsyncOpenAI
 from realtime_support import b64, realtime, until
+from realtime_support import tiny_engine as tiny_engine_fixture  # noqa: F401 (registers the fixture)
 from transports_support import agent_app, metric, serving
-from transports_support import tiny_engine as tiny_engine_fixture  # noqa: F401 (registers the fixture)
 
 pytestmark = pytest.mark.timeout(300)  # the first engine load may build the tiny model
 
