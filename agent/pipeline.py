@@ -15,6 +15,7 @@ from pipecat.processors.aggregators.llm_response_universal import (
     LLMContextAggregatorPair,
     LLMUserAggregatorParams,
 )
+from pipecat.processors.frame_processor import FrameProcessor
 from pipecat.transports.base_transport import BaseTransport
 from pipecat.turns.user_stop import SpeechTimeoutUserTurnStopStrategy, TurnAnalyzerUserTurnStopStrategy
 from pipecat.turns.user_turn_strategies import UserTurnStrategies
@@ -52,9 +53,13 @@ def create_worker(
     vad_analyzer: VADAnalyzer,
     observers: Sequence[BaseObserver] = (),
     tools: ToolRegistry | None = None,
+    input_processors: Sequence[FrameProcessor] = (),
+    output_processors: Sequence[FrameProcessor] = (),
 ) -> tuple[PipelineWorker, MiMoAudioService]:
     """``[transport.input(), user aggregator (VAD, barge-in guard), MiMoAudioService, transport.output(),
-    assistant aggregator]`` in a worker with metrics on. ``engine`` is the process-wide loaded engine."""
+    assistant aggregator]`` in a worker with metrics on. ``engine`` is the process-wide loaded engine.
+    A protocol front-end adds its own ``input_processors`` (after the transport input) and ``output_processors``
+    (after the service)."""
     service = MiMoAudioService(engine=engine, config=config, tools=tools)
     output = transport.output()
     service.playback.attach(output)
@@ -63,7 +68,17 @@ def create_worker(
     user_params = LLMUserAggregatorParams(vad_analyzer=probe, user_turn_strategies=user_turn_strategies(config, probe))
     context = LLMContext(tools=tools.tools_schema()) if tools is not None else LLMContext()
     aggregators = LLMContextAggregatorPair(context, user_params=user_params)
-    pipeline = Pipeline([transport.input(), aggregators.user(), service, output, aggregators.assistant()])
+    pipeline = Pipeline(
+        [
+            transport.input(),
+            *input_processors,
+            aggregators.user(),
+            service,
+            *output_processors,
+            output,
+            aggregators.assistant(),
+        ]
+    )
     worker = PipelineWorker(
         pipeline,
         params=PipelineParams(

@@ -15,6 +15,10 @@ that while the bot is still speaking). A call that cannot be made is answered wi
 
 On an ``InterruptionFrame`` generation stops and the session rolls back to the audio the user heard, as counted by
 :class:`~mimo_voice.agent.playback.PlaybackTracker` on the output transport.
+
+A protocol front-end (the OpenAI Realtime endpoint) drives the same service with the frames of
+:mod:`~mimo_voice.agent.frames`: client-driven turns, manual answers with per-answer instructions, cancellation with
+an explicit played position; it can also replace the instructions and advertise its own (client-side) tools.
 """
 
 from __future__ import annotations
@@ -75,6 +79,14 @@ from pipecat.services.llm_service import LLMService
 from pipecat.services.settings import LLMSettings
 from pipecat.utils.text.base_text_aggregator import TextType
 
+from .frames import (
+    AddTextFrame,
+    CancelResponseFrame,
+    ClearUserAudioFrame,
+    EndUserTurnFrame,
+    RespondFrame,
+    StartUserTurnFrame,
+)
 from .playback import PlaybackTracker
 
 if TYPE_CHECKING:
@@ -93,12 +105,16 @@ ACKNOWLEDGE_NOTE = (
     '"Let me think about that.", without answering it yet.'
 )
 ANSWER_NOTE = "Now think the user's request through, then answer it."
+# LLMFullResponseEndFrame.metadata key: the id of the tool call that ended the response (its
+# FunctionCallInProgressFrame follows), so that front-ends can close the response once the call is out.
+TOOL_CALL_METADATA = "mimo_tool_call_id"
 
 
 @dataclass
 class _Response:
     context_id: str
     speech: _SpeechText
+    text_only: bool = False  # the client reads the words and plays no audio
     generated_samples: int = 0  # 24 kHz samples pushed so far
 
 
@@ -123,6 +139,13 @@ class MiMoAudioService(LLMService):
         self._agent_config = config.agent
         self._mode = config.agent.mode
         self._tools = tools
+        self._instructions = config.agent.system_prompt
+        self._extra_tool_schemas: list[dict[str, Any]] = []
+        self.auto_respond = True  # answer when a user turn ends (a Realtime client may turn it off)
+        # A text-only client gets every word at once and plays no audio: a cut answer is kept whole, not rolled
+        # back to the audio played. RespondFrame.text_only overrides it for one answer.
+        self.text_only = False
+        self._answer_text_only = False
         if tools is not None:
             tools.register_with(self)
         self.playback = PlaybackTracker()
@@ -165,6 +188,21 @@ class MiMoAudioService(LLMService):
     def session(self) -> Session | None:
         return self._session
 
+    async def set_instructions(self, instructions: str, tool_schemas: list[dict[str, Any]] | None = None) -> None:
+        """Replace the system prompt and the extra tools it advertises (schemas of functions registered by the
+        caller). Before the first turn the session starts over with them; later they join as a system note, since
+        the prompt is already in the model's context."""
+        self._instructions = instructions
+        if tool_schemas is not None:
+            self._extra_tool_schemas = list(tool_schemas)
+        if self._session is None:
+            return
+        if self._session.history or self._generation is not None or self._streaming_user_audio:
+            await self._session.add_text("system", self._system_prompt())
+            return
+        old, self._session = self._session, self._new_session()
+        await old.close()
+
     def can_generate_metrics(self) -> bool:
         return True
 
@@ -176,7 +214,10 @@ class MiMoAudioService(LLMService):
 
     async def start(self, frame) -> None:
         await super().start(frame)
-        self._session = self._engine.new_session(
+        self._session = self._new_session()
+
+    def _new_session(self) -> Session:
+        return self._engine.new_session(
             mode=self._mode, system_prompt=self._system_prompt(), task=self._agent_config.task
         )
 
@@ -197,9 +238,9 @@ class MiMoAudioService(LLMService):
             await session.close()
 
     def _system_prompt(self) -> str:
-        prompt = self._agent_config.system_prompt
-        tools = tools_prompt(self._tools.schemas()) if self._tools is not None else ""
-        return f"{prompt}\n\n{tools}" if tools else prompt
+        schemas = (self._tools.schemas() if self._tools is not None else []) + self._extra_tool_schemas
+        tools = tools_prompt(schemas)
+        return f"{self._instructions}\n\n{tools}" if tools else self._instructions
 
     # --- frames ---
 
@@ -231,6 +272,10 @@ class MiMoAudioService(LLMService):
             await self._handle_rtvi_set_mode(frame)
         elif isinstance(frame, InputTransportMessageFrame):
             self._handle_app_message(frame.message)
+        elif isinstance(frame, (StartUserTurnFrame, EndUserTurnFrame, ClearUserAudioFrame)):
+            await self._handle_client_turn(frame)
+        elif isinstance(frame, (AddTextFrame, RespondFrame, CancelResponseFrame)):
+            await self._handle_client_response(frame)
 
         await self.push_frame(frame, direction)
 
@@ -272,13 +317,39 @@ class MiMoAudioService(LLMService):
         self._streaming_user_audio = False
         await self._session.discard_user_audio()
 
-    async def _end_user_turn(self) -> None:
+    async def _end_user_turn(self, respond: bool | None = None) -> None:
         self._user_turn = False
         self._streaming_user_audio = False
         self._tool_rounds = 0
         ttfb_start, self._speech_end = self._speech_end, None
+        if not (self.auto_respond if respond is None else respond):
+            return  # the turn stays open in the session until the next answer closes it
         acknowledge = self._mode == "thinking" and self._agent_config.thinking_acknowledgement
         await self._start_generation(ttfb_start, acknowledge=acknowledge)
+
+    # --- turns and answers driven by a front-end (agent/frames.py) ---
+
+    async def _handle_client_turn(self, frame: StartUserTurnFrame | EndUserTurnFrame | ClearUserAudioFrame) -> None:
+        if isinstance(frame, StartUserTurnFrame):
+            self._preroll.clear()  # the client says where the turn starts: no VAD onset to make up for
+            await self._start_user_audio()
+        elif isinstance(frame, EndUserTurnFrame):
+            await self._end_user_turn(respond=frame.respond)
+        else:
+            self._preroll.clear()
+            await self._discard_user_audio()
+
+    async def _handle_client_response(self, frame: AddTextFrame | RespondFrame | CancelResponseFrame) -> None:
+        if isinstance(frame, AddTextFrame):
+            await self._session.add_text(frame.role, frame.text)
+        elif isinstance(frame, CancelResponseFrame):
+            await self._stop_response(played_samples=frame.played_samples)
+        else:
+            if frame.instructions:
+                await self._session.add_text("system", frame.instructions)
+            self._tool_rounds = 0
+            text_only = self.text_only if frame.text_only is None else frame.text_only
+            await self._start_generation(None, max_samples=frame.max_samples, text_only=text_only)
 
     # --- context, modes ---
 
@@ -326,22 +397,35 @@ class MiMoAudioService(LLMService):
 
     # --- generation ---
 
-    async def _start_generation(self, ttfb_start: float | None, *, acknowledge: bool = False) -> None:
+    async def _start_generation(
+        self,
+        ttfb_start: float | None,
+        *,
+        acknowledge: bool = False,
+        max_samples: int | None = None,
+        text_only: bool | None = None,
+    ) -> None:
         await self._stop_response()  # one answer at a time per session
         self._results_awaiting_response = False
-        self._generation = self.create_task(self._converse(ttfb_start, acknowledge), name=f"{self}::converse")
+        self._answer_text_only = self.text_only if text_only is None else text_only
+        self._generation = self.create_task(
+            self._converse(ttfb_start, acknowledge, max_samples), name=f"{self}::converse"
+        )
 
-    async def _stop_response(self) -> None:
-        """Stop generating and roll the session back to what the user heard of the last response."""
+    async def _stop_response(self, played_samples: int | None = None) -> None:
+        """Stop generating and roll the session back to what the user heard of the last response: by the output
+        transport's count, or ``played_samples`` when the client says how much it played."""
         task, self._generation = self._generation, None
         generating = task is not None and not task.done()
         if generating:
             await self.cancel_task(task)
         response, self._response = self._response, None
         if response is None:
+            if played_samples is not None:  # a client truncating an answer it had in full: roll back all the same
+                await self._session.cancel(played_samples=played_samples)
             return
-        if generating or self._still_playing(response):
-            played = self._played_samples(response)
+        if generating or self._still_playing(response) or played_samples is not None:
+            played = self._played_samples(response) if played_samples is None else played_samples
             logger.debug(f"{self}: interrupted after {played}/{response.generated_samples} samples were played")
             await self._session.cancel(played_samples=played)
         if generating:
@@ -352,33 +436,34 @@ class MiMoAudioService(LLMService):
             await self.push_frame(LLMFullResponseEndFrame())
 
     def _still_playing(self, response: _Response) -> bool:
-        return self.playback.attached and not self.playback.played_out(response.context_id)
+        attached = self.playback.attached and not response.text_only
+        return attached and not self.playback.played_out(response.context_id)
 
     def _played_samples(self, response: _Response) -> int | None:
-        if not self.playback.attached:
-            return None  # no output transport to ask: stop without rolling back
+        if not self.playback.attached or response.text_only:
+            return None  # no output transport to ask, or nothing to hear: stop without rolling back
         return min(self.playback.played_samples(response.context_id), response.generated_samples)
 
-    async def _converse(self, ttfb_start: float | None, acknowledge: bool) -> None:
+    async def _converse(self, ttfb_start: float | None, acknowledge: bool, max_samples: int | None = None) -> None:
         """Answer, after a short spoken acknowledgement if asked. An answer that ends in a tool call hands over to
         pipecat's function calling, unless the call cannot be made: then the model hears why and speaks again."""
         while True:
             if acknowledge:
-                raw_call = await self._acknowledge(ttfb_start)
+                outcome = await self._acknowledge(ttfb_start)
             else:
-                raw_call = await self._respond(ttfb_start)
+                outcome = await self._respond(ttfb_start, max_samples)
             ttfb_start = None
-            if raw_call is None and acknowledge:
+            if outcome == "done" and acknowledge:
                 await self._session.add_text("system", ANSWER_NOTE)
-            elif raw_call is None:
+            elif outcome == "done":
                 if self._end_after_reply:
                     await self.push_frame(EndWorkerFrame(reason=END_CALL_TOOL))
                 return
-            elif not await self._handle_tool_call(raw_call):
+            elif outcome != "again":
                 return
             acknowledge = False
 
-    async def _acknowledge(self, ttfb_start: float | None) -> str | None:
+    async def _acknowledge(self, ttfb_start: float | None) -> str:
         """Thinking takes a while: first a few words without thinking, so that the user hears at once that they
         were understood (the model is asked for it in a note; the reply is cut after ACKNOWLEDGEMENT_MAX_SECS)."""
         await self._session.add_text("system", ACKNOWLEDGE_NOTE)
@@ -388,11 +473,12 @@ class MiMoAudioService(LLMService):
         finally:
             self._session.set_mode(self._mode)
 
-    async def _respond(self, ttfb_start: float | None, max_samples: int | None = None) -> str | None:
-        """Stream one assistant turn into frames; return the raw tool call that ended it, if any. With
+    async def _respond(self, ttfb_start: float | None, max_samples: int | None = None) -> str:
+        """Stream one assistant turn into frames. Returns "done", "called" (it ended in a tool call, now running),
+        "again" (in a call that cannot be made: the model must speak again) or "stopped" (too many calls). With
         ``max_samples`` the turn is cut (not rolled back) once that much audio was generated."""
         speech = _SpeechText(self)
-        response = _Response(context_id=str(uuid.uuid4()), speech=speech)
+        response = _Response(context_id=str(uuid.uuid4()), speech=speech, text_only=self._answer_text_only)
         self._response = response
         await self.start_processing_metrics()
         await self.start_ttfb_metrics(start_time=ttfb_start)
@@ -424,10 +510,16 @@ class MiMoAudioService(LLMService):
         await speech.close()
         await self.stop_processing_metrics()
         await self.push_frame(TTSStoppedFrame(context_id=response.context_id))
-        await self.push_frame(LLMFullResponseEndFrame())
         if end is not None:
             await self._report_turn_end(end, speech.patches)
-        return tool_call
+        call, outcome = (None, "done") if tool_call is None else await self._check_tool_call(tool_call)
+        end_frame = LLMFullResponseEndFrame()
+        if call is not None:
+            end_frame.metadata[TOOL_CALL_METADATA] = call.call_id
+        await self.push_frame(end_frame)
+        if call is not None:
+            await self._run_tool_call(call)
+        return outcome
 
     async def _push_audio(self, response: _Response, chunk: AudioChunk) -> None:
         if response.generated_samples == 0:
@@ -453,22 +545,22 @@ class MiMoAudioService(LLMService):
 
     # --- tools ---
 
-    async def _handle_tool_call(self, raw_call: str) -> bool:
-        """Run the call the model wrote; True when the model must speak again at once (the call could not be made)."""
+    async def _check_tool_call(self, raw_call: str) -> tuple[ToolCall | None, str]:
+        """The call the model wrote and "called" when it can be made; else no call and "again" (a bad call: the
+        model hears why and must speak again) or "stopped" (too many calls in this turn)."""
         self._tool_rounds += 1
         if self._tool_rounds > MAX_TOOL_ROUNDS:
             logger.warning(f"{self}: over {MAX_TOOL_ROUNDS} tool calls in one turn; not answering the last")
             logger.debug(f"{self}: the unanswered call: {raw_call!r}")
-            return False
+            return None, "stopped"
         try:
             call = parse_tool_call(raw_call, [name for name in self._functions if name])
         except ToolCallError as exc:
             logger.warning(f"{self}: the model wrote a tool call that cannot be made")
             logger.debug(f"{self}: bad tool call {raw_call!r}: {exc}")
             await self._session.add_text("tool", error_text(str(exc)))
-            return True
-        await self._run_tool_call(call)
-        return False
+            return None, "again"
+        return call, "called"
 
     async def _run_tool_call(self, call: ToolCall) -> None:
         logger.info(f"{self}: tool call {call.name}")  # arguments are the caller's data: DEBUG only

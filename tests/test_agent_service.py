@@ -352,10 +352,10 @@ async def test_frame_sequence_of_a_turn_with_pipecat_run_test():
             LLMTextFrame,
             TTSAudioRawFrame,
             TTSTextFrame,
-            MetricsFrame,
+            MetricsFrame,  # processing
             TTSStoppedFrame,
+            MetricsFrame,  # usage, before the end so that front-ends can report it with the response
             LLMFullResponseEndFrame,
-            MetricsFrame,  # processing, then usage
         ],
         pipeline_params=PipelineParams(enable_metrics=True, enable_usage_metrics=True),
     )

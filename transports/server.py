@@ -44,6 +44,7 @@ from pydantic import BaseModel, Field
 
 from . import phone
 from .metrics import CONTENT_TYPE, ServerMetrics
+from .realtime import add_realtime_route
 from .security import RequestGuard, check_exposure, resolve_auth_token, uvicorn_config
 from .sessions import BotContext, Refused, RunBot, Session, SessionHub, run_worker
 
@@ -161,6 +162,8 @@ def create_app(
     @app.websocket("/ws/twilio")
     async def twilio(websocket: WebSocket) -> None:
         await phone.handle_twilio(websocket, hub)
+
+    add_realtime_route(app, hub)
 
     return app
 
