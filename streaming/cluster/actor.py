@@ -1,0 +1,232 @@
+"""The engine as a Ray actor: today's worker step loop, fed by front-ends over Ray instead of a pipe.
+
+One :class:`EngineActor` per GPU (or per ``engine.ray_num_cpus`` CPUs) owns a :class:`~..engine.worker.Worker`
+and runs its loop on a thread, so batching stays inside the engine. Any number of front-ends *connect*: each
+gets a client number, sends the engine's usual messages with :meth:`EngineActor.submit` (one fire-and-forget
+call per message, sequence-numbered because Ray does not promise the order of a threaded actor's calls), and
+reads everything addressed to it from one streaming generator, :meth:`EngineActor.stream`, in batches. A
+front-end numbers its sessions and requests ``client << CLIENT_SHIFT | n``, so the actor routes the worker's
+replies by id alone. The stream also reports the engine's load at least every ``HEARTBEAT_SECS``: a silent
+stream is how a front-end tells a hung engine from a busy one. A front-end that stops sending for
+``CLIENT_TIMEOUT_SECS`` (it touches the actor every second) is presumed dead: its sessions are closed.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import pickle
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from loguru import logger
+from mimo_voice.configs import Config
+
+CLIENT_SHIFT = 32
+HEARTBEAT_SECS = 1.0
+CLIENT_TIMEOUT_SECS = 15.0
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What a front-end needs besides the messages: the text side of the model, and where the engine runs."""
+
+    client: int
+    name: str
+    tokenizer: Any
+    model_config: Any
+    is_tiny: bool
+    node: str
+    pid: int
+    device: str
+
+
+class Mailbox:
+    """The worker's end of the boundary inside the actor (what the pipe is to the worker process): an inbox it
+    polls, and one outbox per front-end that its messages are routed to."""
+
+    def __init__(self) -> None:
+        self._inbox: collections.deque[Any] = collections.deque()
+        self._ready = threading.Condition()
+        self.outboxes: dict[int, Outbox] = {}
+
+    # --- the worker's side (Worker uses poll/recv/send like the pipe's Channel) ---
+
+    def poll(self, timeout: float | None) -> bool:
+        with self._ready:
+            return self._ready.wait_for(lambda: bool(self._inbox), timeout)
+
+    def recv(self) -> Any:
+        with self._ready:
+            return self._inbox.popleft()
+
+    def send(self, message: tuple) -> None:
+        if message[0] == "stopped":
+            for outbox in list(self.outboxes.values()):
+                outbox.put(message)
+            return
+        outbox = self.outboxes.get(message[1] >> CLIENT_SHIFT)
+        if outbox is not None:  # else that front-end is gone
+            outbox.put(message)
+
+    # --- the actor's side ---
+
+    def deliver(self, messages: list[Any]) -> None:
+        with self._ready:
+            self._inbox.extend(messages)
+            self._ready.notify()
+
+
+class Outbox:
+    """Messages for one front-end, and the in-order reassembly of what it sends."""
+
+    def __init__(self) -> None:
+        self._messages: collections.deque[Any] = collections.deque()
+        self._ready = threading.Condition()
+        self.closed = False
+        self.last_heard = time.monotonic()
+        self.next_seq = 0
+        self.early: dict[int, bytes] = {}  # messages that overtook an earlier one
+
+    def put(self, message: Any) -> None:
+        with self._ready:
+            self._messages.append(message)
+            self._ready.notify()
+
+    def take(self, timeout: float) -> list[Any]:
+        """Everything queued, waiting up to ``timeout`` for the first message."""
+        with self._ready:
+            self._ready.wait_for(lambda: bool(self._messages) or self.closed, timeout)
+            batch = list(self._messages)
+            self._messages.clear()
+            return batch
+
+    def close(self) -> None:
+        with self._ready:
+            self.closed = True
+            self._ready.notify()
+
+
+class EngineActor:
+    """A Ray actor (made remote by :func:`engine_actor_class`) that owns one engine's worker."""
+
+    def __init__(self, config: Config, name: str) -> None:
+        from mimo_voice.configs.logging import setup_logging
+
+        setup_logging(config.logging.level)
+        self.name = name
+        self.config = config
+        self.mailbox = Mailbox()
+        self._lock = threading.Lock()
+        self._clients = 0
+        began = time.perf_counter()
+        self.worker, self.info = _load_worker(config, self.mailbox)
+        logger.info(f"engine {name} ready in {time.perf_counter() - began:.1f} s on {self.info['device']}")
+        threading.Thread(target=self._run, name="mimo-engine-loop", daemon=True).start()
+        threading.Thread(target=self._reap, name="mimo-engine-reaper", daemon=True).start()
+
+    def connect(self) -> EngineInfo:
+        """A new front-end: its client number and what it needs to build prompts."""
+        import ray
+
+        with self._lock:
+            self._clients += 1
+            client = self._clients
+            self.mailbox.outboxes[client] = Outbox()
+        return EngineInfo(client=client, name=self.name, node=ray.util.get_node_ip_address(), **self.info)
+
+    def submit(self, client: int, seq: int, data: bytes) -> None:
+        """One pickled engine message from a front-end, applied in the order the front-end sent them."""
+        outbox = self.mailbox.outboxes.get(client)
+        if outbox is None:
+            return
+        with self._lock:
+            outbox.last_heard = time.monotonic()
+            outbox.early[seq] = data
+            ready = []
+            while outbox.next_seq in outbox.early:
+                ready.append(pickle.loads(outbox.early.pop(outbox.next_seq)))
+                outbox.next_seq += 1
+        self.mailbox.deliver(ready)
+
+    def touch(self, client: int) -> bool:
+        """The front-end is alive (sent every second); False if the actor no longer knows it."""
+        outbox = self.mailbox.outboxes.get(client)
+        if outbox is not None:
+            outbox.last_heard = time.monotonic()
+        return outbox is not None
+
+    def stream(self, client: int) -> Iterator[tuple[dict[str, int], list[Any]]]:
+        """The front-end's downlink: (load, messages) batches, at least one every ``HEARTBEAT_SECS``."""
+        outbox = self.mailbox.outboxes.get(client)
+        while outbox is not None and not outbox.closed:
+            messages = outbox.take(HEARTBEAT_SECS)
+            yield self.load(), messages
+            if any(message[0] == "stopped" for message in messages):
+                return
+
+    def disconnect(self, client: int) -> None:
+        """A front-end leaves (or was presumed dead): close its sessions, end its stream."""
+        outbox = self.mailbox.outboxes.pop(client, None)
+        if outbox is None:
+            return
+        sessions = [sid for sid in list(self.worker.conversations) if sid >> CLIENT_SHIFT == client]
+        self.mailbox.deliver([("cast", sid, "close", ()) for sid in sessions])
+        outbox.close()
+
+    def load(self) -> dict[str, int]:
+        return {"sessions": len(self.worker.conversations), "active": len(self.worker.active)}
+
+    def status(self) -> dict[str, Any]:
+        return {"name": self.name, "pid": os.getpid(), "device": self.info["device"], **self.load()}
+
+    def _run(self) -> None:
+        """The step loop. If it fails the engine is broken: end the process, so that Ray restarts it."""
+        try:
+            self.worker.run()
+        except BaseException:
+            logger.exception(f"engine {self.name}: the step loop failed; exiting so that Ray restarts the engine")
+        os._exit(1)
+
+    def _reap(self) -> None:
+        while True:
+            time.sleep(HEARTBEAT_SECS)
+            now = time.monotonic()
+            for client, outbox in list(self.mailbox.outboxes.items()):
+                if now - outbox.last_heard > CLIENT_TIMEOUT_SECS:
+                    logger.warning(f"engine {self.name}: front-end {client} went silent; closing its sessions")
+                    self.disconnect(client)
+
+
+def _load_worker(config: Config, mailbox: Mailbox) -> tuple[Any, dict[str, Any]]:
+    """The engine's worker in this process, as :meth:`~..engine.engine.Engine.load` starts one in a subprocess."""
+    import torch
+    from mimo_voice.streaming.engine.engine import OFFICIAL_TOKENIZER_REPO, read_voice_prompt
+    from mimo_voice.streaming.engine.worker import Worker
+    from mimo_voice.streaming.model.checkpoint import pick_device, resolve_checkpoint_dir
+    from mimo_voice.streaming.model.configuration_mimo_audio import MiMoAudioConfig
+    from mimo_voice.streaming.model.text_tokenizer import load_text_tokenizer
+
+    if config.model.path is None:
+        from mimo_voice.streaming.presets.tiny_training import ensure_preset_checkpoints
+
+        llm_path, codec_path = ensure_preset_checkpoints(config.model.preset, config.model.cache_dir)
+    else:
+        llm_path = resolve_checkpoint_dir(config.model.path)
+        codec_path = resolve_checkpoint_dir(config.model.tokenizer_path or OFFICIAL_TOKENIZER_REPO)
+    device = pick_device(config.model.device)
+    if device.type == "cpu":  # the CPUs Ray gave this actor, not the machine's
+        torch.set_num_threads(max(1, int(config.engine.ray_num_cpus)))
+    voice = read_voice_prompt(config.agent.voice_prompt_wav) if config.agent.voice_prompt_wav else None
+    worker = Worker(config, llm_path, codec_path, voice, mailbox)  # type: ignore[arg-type]  # Mailbox is a Channel
+    info = {
+        "tokenizer": load_text_tokenizer(llm_path),
+        "model_config": MiMoAudioConfig.from_pretrained(llm_path),
+        "is_tiny": config.model.path is None,
+        "pid": os.getpid(),
+        "device": str(device),
+    }
+    return worker, info

@@ -1,0 +1,408 @@
+"""The front-end's view of the engines on Ray: connects to each, places calls, notices deaths, reports the pool.
+
+:class:`EnginePool` finds (or creates) the named engine actors of ``engine.ray_namespace``. Per actor, a
+:class:`PoolMember` keeps one :class:`RemoteEngine`: the same :class:`~..engine.engine.Engine` the local
+backend uses, over a :class:`RayChannel` instead of a pipe, so :class:`~..engine.session.Session` is unchanged.
+A call first takes an :class:`EngineLease` (:meth:`EnginePool.lease`: the ready engine with the most free
+slots, or None when all are full, which the server answers with 503); all of its sessions go to that engine.
+
+When an actor dies (its stream raises a Ray actor error) or goes silent for ``engine.ray_health_timeout_secs``
+(it is then killed, so that Ray restarts it), every session on it ends at once with a ``TurnEnd("error")``
+naming the engine, its leases' :meth:`EngineLease.wait_closed` return, and placement skips it until the
+restarted actor has loaded its model and answered ``connect`` again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from loguru import logger
+from mimo_voice.configs import Config
+from mimo_voice.streaming.engine.engine import Engine, EngineClosed
+from mimo_voice.streaming.engine.events import TurnEnd
+from mimo_voice.streaming.engine.session import Session
+
+from .actor import CLIENT_SHIFT, HEARTBEAT_SECS, EngineActor, EngineInfo
+
+ENGINE_PREFIX = "mimo-engine-"
+RECONNECT_SECS = 0.5
+OBJECT_STORE_BYTES = 256 * 1024**2  # only for a private cluster: the engines pass small messages, no tensors
+
+
+class EnginesFull(RuntimeError):
+    """Every engine of the pool is full or down."""
+
+
+def connect_ray(config: Config, *, num_cpus: int | None = None) -> None:
+    """Joins the cluster ``engine.ray_address`` names (``local``: starts a private one in this process)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    options: dict[str, Any] = {"namespace": config.engine.ray_namespace, "log_to_driver": False}
+    if config.engine.ray_address == "local":
+        options |= {"num_cpus": num_cpus, "include_dashboard": False, "object_store_memory": OBJECT_STORE_BYTES}
+    else:
+        options["address"] = config.engine.ray_address
+    ray.init(**options)
+
+
+def engine_handle(config: Config, name: str) -> Any:
+    """The named engine actor, created (detached, restarted by Ray without limit) if it does not exist yet."""
+    import ray
+
+    num_gpus = config.engine.ray_num_gpus
+    if num_gpus is None:
+        num_gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 and config.model.device != "cpu" else 0
+    remote = ray.remote(EngineActor)
+    return remote.options(  # type: ignore[attr-defined]
+        name=name,
+        namespace=config.engine.ray_namespace,
+        get_if_exists=True,
+        lifetime="detached",
+        max_restarts=-1,
+        max_concurrency=64,  # one blocked stream per front-end, plus submits
+        num_cpus=config.engine.ray_num_cpus,
+        num_gpus=num_gpus,
+    ).remote(config, name)
+
+
+class RayChannel:
+    """The front-end end of one engine actor, with the pipe :class:`~..engine.worker.Channel`'s interface."""
+
+    def __init__(self, handle: Any, info: EngineInfo) -> None:
+        self.handle = handle
+        self.client = info.client
+        self._seq = itertools.count()
+        self._stream = handle.stream.remote(info.client)
+        self._batch: collections.deque[Any] = collections.deque()
+        self.last_heard = time.monotonic()
+        self.load = {"sessions": 0, "active": 0}
+        self.error: str | None = None
+
+    def send_packed(self, data: bytes) -> None:
+        # Called by the engine's sender thread alone, so sequence numbers follow the engine's order.
+        self.handle.submit.remote(self.client, next(self._seq), data)
+
+    def recv(self) -> Any:
+        """The next message; EOFError when the actor is gone (``error`` says how)."""
+        import ray
+
+        while not self._batch:
+            try:
+                self.load, messages = ray.get(next(self._stream))
+            except StopIteration:
+                raise EOFError from None
+            except ray.exceptions.RayError as exc:
+                self.error = f"{type(exc).__name__}"
+                raise EOFError from None
+            self.last_heard = time.monotonic()
+            self._batch.extend(messages)
+        return self._batch.popleft()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.handle.disconnect.remote(self.client)
+
+
+class RemoteEngine(Engine):
+    """An :class:`~..engine.engine.Engine` whose worker is an engine actor: the same sessions, messages and
+    threads, over :class:`RayChannel`. Closing it disconnects this front-end; the actor serves on."""
+
+    def __init__(self, config: Config, handle: Any, info: EngineInfo) -> None:
+        self.name = info.name
+        self.info = info
+        self.channel = RayChannel(handle, info)
+        self.down = threading.Event()
+        self.down_reason = ""
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[str]]] = []
+        super().__init__(
+            config,
+            tokenizer=info.tokenizer,
+            model_config=info.model_config,
+            is_tiny=info.is_tiny,
+            process=None,  # type: ignore[arg-type]  # no process: the actor's life is Ray's business
+            connection=self.channel,  # type: ignore[arg-type]  # a RayChannel is a Channel
+        )
+        # Ids unique on the actor across front-ends: it routes replies by ``id >> CLIENT_SHIFT``.
+        self._ids = itertools.count((info.client << CLIENT_SHIFT) + 1)
+
+    @property
+    def sessions(self) -> int:
+        return len(self._sessions)
+
+    def _fail_pending(self) -> None:
+        """The stream ended: the engine died (or this front-end left). Every waiter learns why."""
+        self.down_reason = f"engine {self.name} is gone ({self.channel.error or 'stream ended'})"
+        futures, self._futures = self._futures, {}
+        for future in futures.values():
+            if not future.done():
+                future.set_exception(EngineClosed(self.down_reason))
+        for session in list(self._sessions.values()):
+            session._receive("event", None, TurnEnd("error", error=self.down_reason))
+        self.down.set()
+        for loop, waiter in self._waiters:
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                loop.call_soon_threadsafe(_resolve, waiter, self.down_reason)
+
+    async def wait_closed(self) -> str:
+        """Returns (the reason) once this engine is gone for this front-end."""
+        if self.down.is_set():
+            return self.down_reason
+        waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._waiters.append((asyncio.get_running_loop(), waiter))
+        if self.down.is_set():  # went down while we registered
+            return self.down_reason
+        return await waiter
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self._outbox.put(None)
+        self.channel.close()
+        await asyncio.to_thread(self._reader.join, HEARTBEAT_SECS * 3)
+
+
+def _resolve(waiter: asyncio.Future[str], reason: str) -> None:
+    if not waiter.done():
+        waiter.set_result(reason)
+
+
+class PoolMember:
+    """One named engine actor: connects, watches its health, reconnects once Ray has restarted it."""
+
+    def __init__(self, config: Config, name: str) -> None:
+        self.config = config
+        self.name = name
+        self.handle = engine_handle(config, name)
+        self.engine: RemoteEngine | None = None
+        self.leases: set[EngineLease] = set()
+        self.restarts = 0
+        self.state = "starting"  # starting | ready | down
+        self.ready = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._supervise, name=f"mimo-pool-{name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def load(self) -> int:
+        """Sessions on the engine: this front-end's leases, or what the engine reported if more (other
+        front-ends' calls; as of its last report, under a second old)."""
+        reported = self.engine.channel.load["sessions"] if self.engine is not None else 0
+        return max(len(self.leases), reported)
+
+    def free_slots(self) -> int:
+        return self.config.engine.sessions_per_engine - self.load
+
+    def status(self) -> dict[str, Any]:
+        engine = self.engine
+        return {
+            "name": self.name,
+            "state": self.state,
+            "sessions": self.load,
+            "calls_here": len(self.leases),
+            "limit": self.config.engine.sessions_per_engine,
+            "restarts": self.restarts,
+            "node": engine.info.node if engine else None,
+            "pid": engine.info.pid if engine else None,
+            "device": engine.info.device if engine else None,
+        }
+
+    def _supervise(self) -> None:
+        while not self._stopping.is_set():
+            engine = self._connect()
+            if engine is None:
+                return
+            self.engine, self.state = engine, "ready"
+            self.ready.set()
+            logger.info(f"engine {self.name} ready (pid {engine.info.pid} on {engine.info.node})")
+            self._watch(engine)
+            self.ready.clear()
+            if self._stopping.is_set():
+                return
+            self.state = "down"
+            self.restarts += 1
+            logger.error(f"{engine.down_reason}: its {len(self.leases)} call(s) here end; Ray restarts it")
+
+    def _connect(self) -> RemoteEngine | None:
+        """Waits for the actor to answer ``connect`` (it does once its model is loaded)."""
+        import ray
+
+        while not self._stopping.is_set():
+            try:
+                info = ray.get(self.handle.connect.remote(), timeout=30)
+            except (ray.exceptions.RayError, TimeoutError) as exc:
+                logger.debug(f"engine {self.name} not ready: {type(exc).__name__}")
+                self._stopping.wait(RECONNECT_SECS)
+                continue
+            return RemoteEngine(self.config, self.handle, info)
+        return None
+
+    def _watch(self, engine: RemoteEngine) -> None:
+        """Until the engine goes down: touch it every second; kill it if its stream goes silent."""
+        import ray
+
+        timeout = self.config.engine.ray_health_timeout_secs
+        while not engine.down.wait(HEARTBEAT_SECS):
+            if self._stopping.is_set():
+                return
+            self.handle.touch.remote(engine.channel.client)
+            silent = time.monotonic() - engine.channel.last_heard
+            if silent > timeout:
+                logger.error(f"engine {self.name} silent for {silent:.1f} s: killing it so that Ray restarts it")
+                engine.channel.error = f"no heartbeat for {silent:.1f} s"
+                ray.kill(self.handle, no_restart=False)
+                engine.down.wait(timeout)
+                return
+
+    async def aclose(self) -> None:
+        self._stopping.set()
+        if self.engine is not None:
+            await self.engine.aclose()
+
+
+class EngineLease:
+    """One call's place on one engine. The agent uses it as its engine: sessions made here go to that engine."""
+
+    def __init__(self, member: PoolMember, engine: RemoteEngine) -> None:
+        self.member = member
+        self.engine = engine
+        self.config = engine.config
+        self.is_tiny = engine.is_tiny
+        self.tokenizer, self.special, self.builder = engine.tokenizer, engine.special, engine.builder
+        member.leases.add(self)
+
+    @property
+    def name(self) -> str:
+        return self.member.name
+
+    def new_session(self, **options: Any) -> Session:
+        return self.engine.new_session(**options)
+
+    async def wait_closed(self) -> str:
+        """Returns, with the reason, when the engine this call is on dies."""
+        return await self.engine.wait_closed()
+
+    def release(self) -> None:
+        self.member.leases.discard(self)
+
+
+class EnginePool:
+    """The engines of a Ray cluster as one engine for a front-end. Use :meth:`connect`."""
+
+    def __init__(self, config: Config, members: list[PoolMember]) -> None:
+        self.config = config
+        self.members = members
+
+    @classmethod
+    def connect(cls, config: Config, *, wait_secs: float = 600.0) -> EnginePool:
+        """Joins the cluster and the pool (creating missing engines), and waits until one engine is ready."""
+        connect_ray(config)
+        names = [f"{ENGINE_PREFIX}{i}" for i in range(config.engine.ray_engines)]
+        pool = cls(config, [PoolMember(config, name) for name in names])
+        if not pool.wait_ready(1, wait_secs):
+            raise EngineClosed(f"no engine of the Ray pool became ready within {wait_secs:.0f} s")
+        return pool
+
+    def wait_ready(self, count: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while sum(member.ready.is_set() for member in self.members) < count:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def lease(self) -> EngineLease | None:
+        """A place for a new call on the ready engine with the most free slots; None when all are full."""
+        ready = [(member, member.engine) for member in self.members if member.ready.is_set() and member.engine]
+        candidates = [(member, engine) for member, engine in ready if member.free_slots() > 0]
+        if not candidates:
+            return None
+        member, engine = max(candidates, key=lambda pair: pair[0].free_slots())
+        return EngineLease(member, engine)
+
+    def new_session(self, **options: Any) -> Session:
+        """A session on the least loaded engine (for callers that do not hold a lease per call)."""
+        lease = self.lease()
+        if lease is None:
+            raise EnginesFull(self.busy_message())
+        return lease.new_session(**options)
+
+    def busy_message(self) -> str:
+        ready = sum(member.ready.is_set() for member in self.members)
+        return f"every engine is full or down ({ready}/{len(self.members)} ready), try again later"
+
+    @property
+    def _any(self) -> RemoteEngine:
+        for member in self.members:
+            if member.engine is not None:
+                return member.engine
+        raise EngineClosed("no engine of the pool has connected yet")
+
+    @property
+    def is_tiny(self) -> bool:
+        return self._any.is_tiny
+
+    @property
+    def builder(self) -> Any:
+        return self._any.builder
+
+    @property
+    def special(self) -> Any:
+        return self._any.special
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._any.tokenizer
+
+    def status(self) -> dict[str, Any]:
+        engines = [member.status() for member in self.members]
+        return {
+            "backend": "ray",
+            "engines": len(engines),
+            "ready": sum(engine["state"] == "ready" for engine in engines),
+            "per_engine": engines,
+        }
+
+    def metrics(self) -> Iterator[str]:
+        """Prometheus lines for the pool (rendered after the server's own metrics)."""
+        yield "# HELP mimo_voice_engine_ready 1 when the engine takes calls.\n# TYPE mimo_voice_engine_ready gauge\n"
+        for member in self.members:
+            yield f'mimo_voice_engine_ready{{engine="{member.name}"}} {int(member.ready.is_set())}\n'
+        yield "# HELP mimo_voice_engine_sessions Sessions on the engine.\n# TYPE mimo_voice_engine_sessions gauge\n"
+        for member in self.members:
+            yield f'mimo_voice_engine_sessions{{engine="{member.name}"}} {member.load}\n'
+        yield "# HELP mimo_voice_engine_restarts_total Engine deaths seen.\n"
+        yield "# TYPE mimo_voice_engine_restarts_total counter\n"
+        for member in self.members:
+            yield f'mimo_voice_engine_restarts_total{{engine="{member.name}"}} {member.restarts}\n'
+
+    async def aclose(self) -> None:
+        """Leaves the pool; the engines serve on for other front-ends."""
+        await asyncio.gather(*(member.aclose() for member in self.members))
+
+
+def list_engines(config: Config, timeout: float = 5.0) -> list[dict[str, Any]]:
+    """Every engine actor of the namespace and what it says about itself (``mimo-voice engines``)."""
+    import ray
+
+    connect_ray(config)
+    names = sorted(
+        actor["name"]
+        for actor in ray.util.list_named_actors(all_namespaces=True)
+        if actor["namespace"] == config.engine.ray_namespace and actor["name"].startswith(ENGINE_PREFIX)
+    )
+    rows = []
+    for name in names:
+        handle = ray.get_actor(name, namespace=config.engine.ray_namespace)
+        try:
+            rows.append({"state": "ready", **ray.get(handle.status.remote(), timeout=timeout)})
+        except (ray.exceptions.RayError, TimeoutError) as exc:
+            rows.append({"name": name, "state": f"not answering ({type(exc).__name__})"})
+    return rows
