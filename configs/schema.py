@@ -123,7 +123,9 @@ class EngineSection(Section):
     )
     ray_namespace: str = Field("mimo-voice", description="Ray namespace of the engine actors; one per deployment.")
     ray_engines: int = Field(1, ge=1, description="Engine actors in the pool (created if missing).")
-    ray_num_gpus: float | None = Field(None, ge=0, description="GPUs per engine actor; empty: 1 if the cluster has any.")
+    ray_num_gpus: float | None = Field(
+        None, ge=0, description="GPUs per engine actor; empty: 1 if the cluster has any."
+    )
     ray_num_cpus: float = Field(1.0, ge=0, description="CPUs per engine actor (its torch threads on CPU).")
     sessions_per_engine: int = Field(4, ge=1, description="Calls one engine takes before placement skips it.")
     ray_health_timeout_secs: float = Field(

@@ -133,6 +133,7 @@ class Session:
     id: str
     transport_name: TransportName
     started: float = field(default_factory=time.monotonic)
+    lease: Any = None  # with the Ray backend: the call's place on one engine (streaming.cluster.pool.EngineLease)
 
 
 class SessionHub:
@@ -148,6 +149,8 @@ class SessionHub:
         return len(self.sessions) >= self.config.server.max_sessions
 
     def busy_message(self) -> str:
+        if not self.is_full and hasattr(self.engine, "busy_message"):  # a pool of engines said no
+            return str(self.engine.busy_message())
         limit = self.config.server.max_sessions
         return f"the server is busy: all {limit} session slot{'s' * (limit != 1)} are in use, try again later"
 
@@ -156,7 +159,13 @@ class SessionHub:
         if self.is_full:
             self.metrics.sessions_refused.inc("capacity")
             return None
-        session = Session(session_id or uuid.uuid4().hex, transport_name)
+        lease = None
+        if hasattr(self.engine, "lease"):  # an engine pool: the call is placed now, on one engine for its lifetime
+            lease = self.engine.lease()
+            if lease is None:
+                self.metrics.sessions_refused.inc("engines_full")
+                return None
+        session = Session(session_id or uuid.uuid4().hex, transport_name, lease=lease)
         self.sessions[session.id] = session
         self.metrics.sessions_active.inc(transport_name)
         self.metrics.sessions_total.inc(transport_name)
@@ -164,6 +173,8 @@ class SessionHub:
 
     def release(self, session: Session) -> None:
         if self.sessions.pop(session.id, None) is not None:
+            if session.lease is not None:
+                session.lease.release()
             self.metrics.sessions_active.dec(session.transport_name)
             lasted = time.monotonic() - session.started
             logger.info(f"session {session.id} ({session.transport_name}) ended after {lasted:.1f} s")
@@ -183,7 +194,7 @@ class SessionHub:
         this.add_done_callback(self._tasks.discard)
         ctx = BotContext(
             self.config,
-            self.engine,
+            session.lease or self.engine,
             self.tools,
             session.transport_name,
             TurnMetricsObserver(self.metrics, session.transport_name),
@@ -192,18 +203,21 @@ class SessionHub:
         hang_up = _once(hang_up)
         bot = asyncio.create_task(self.run_bot(transport, ctx), name=f"bot-{session.id}")
         watchdog = asyncio.create_task(self._watch(ctx.activity))
+        engine_lost = asyncio.create_task(_engine_lost(session.lease))
         try:
-            await asyncio.wait({bot, watchdog}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({bot, watchdog, engine_lost}, return_when=asyncio.FIRST_COMPLETED)
             if not bot.done():
-                logger.warning(
-                    f"session {session.id}: no audio from the client for {ctx.activity.silent_for():.1f} s, hanging up"
-                )
+                if engine_lost in done:
+                    logger.error(f"session {session.id}: {engine_lost.result()}, hanging up")
+                else:
+                    silent = ctx.activity.silent_for()
+                    logger.warning(f"session {session.id}: no audio from the client for {silent:.1f} s, hanging up")
                 await hang_up()  # the transport reports the client gone, and the bot winds down
                 await asyncio.wait({bot}, timeout=BOT_EXIT_GRACE_SECS)
         finally:
-            for task in (watchdog, bot):
+            for task in (watchdog, engine_lost, bot):
                 task.cancel()
-            await asyncio.gather(watchdog, bot, return_exceptions=True)
+            await asyncio.gather(watchdog, engine_lost, bot, return_exceptions=True)
             if not bot.cancelled() and bot.exception() is not None:
                 logger.opt(exception=bot.exception()).error(f"session {session.id}: the bot failed")
             try:
@@ -221,6 +235,13 @@ class SessionHub:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def _engine_lost(lease: Any) -> str:
+    """Returns (why) when the engine a call was placed on dies; never for the local engine."""
+    if lease is None:
+        await asyncio.get_running_loop().create_future()  # waits until cancelled
+    return str(await lease.wait_closed())
 
 
 def _once(action: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
@@ -328,7 +349,10 @@ def _add_page_routes(app: FastAPI, hub: SessionHub) -> None:
     @app.get("/health")
     async def health() -> dict[str, Any]:
         sessions = len(hub.sessions)
-        return {"status": "ok", "sessions": sessions, "max_sessions": config.server.max_sessions, "tiny": is_tiny}
+        health = {"status": "ok", "sessions": sessions, "max_sessions": config.server.max_sessions, "tiny": is_tiny}
+        if hasattr(hub.engine, "status"):  # the Ray pool: engines, ready, sessions per engine
+            health["engines"] = hub.engine.status()
+        return health
 
     @app.get("/api/info")
     async def info() -> dict[str, Any]:
@@ -346,7 +370,8 @@ def _add_page_routes(app: FastAPI, hub: SessionHub) -> None:
 
     @app.get("/metrics")
     async def prometheus() -> PlainTextResponse:
-        return PlainTextResponse(hub.metrics.render(), media_type=CONTENT_TYPE)
+        pool = "".join(hub.engine.metrics()) if hasattr(hub.engine, "metrics") else ""
+        return PlainTextResponse(hub.metrics.render() + pool, media_type=CONTENT_TYPE)
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
@@ -437,10 +462,16 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def load_engine(config: Config) -> Any:
-    """The process's engine (blocking; seconds for the tiny model, minutes for 7B), announced loudly when tiny."""
-    from mimo_voice.streaming.engine.engine import Engine
+    """The process's engine (blocking; seconds for the tiny model, minutes for 7B), announced loudly when tiny.
+    With ``engine.backend: ray``, the pool of engine actors this front-end shares with others."""
+    if config.engine.backend == "ray":
+        from mimo_voice.streaming.cluster.pool import EnginePool
 
-    engine = Engine.load(config)
+        engine: Any = EnginePool.connect(config)
+    else:
+        from mimo_voice.streaming.engine.engine import Engine
+
+        engine = Engine.load(config)
     if engine.is_tiny:
         banner = "!" * 78
         logger.warning(banner)

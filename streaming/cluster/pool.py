@@ -33,6 +33,7 @@ from .actor import CLIENT_SHIFT, HEARTBEAT_SECS, EngineActor, EngineInfo
 
 ENGINE_PREFIX = "mimo-engine-"
 RECONNECT_SECS = 0.5
+CONNECT_POLL_SECS = 2.0  # how long one connect attempt waits, so that closing the pool is never held up long
 OBJECT_STORE_BYTES = 256 * 1024**2  # only for a private cluster: the engines pass small messages, no tensors
 
 
@@ -229,6 +230,7 @@ class PoolMember:
             self.state = "down"
             self.restarts += 1
             logger.error(f"{engine.down_reason}: its {len(self.leases)} call(s) here end; Ray restarts it")
+            self.leases.clear()  # those calls are over: the restarted engine starts empty
 
     def _connect(self) -> RemoteEngine | None:
         """Waits for the actor to answer ``connect`` (it does once its model is loaded)."""
@@ -236,7 +238,7 @@ class PoolMember:
 
         while not self._stopping.is_set():
             try:
-                info = ray.get(self.handle.connect.remote(), timeout=30)
+                info = ray.get(self.handle.connect.remote(), timeout=CONNECT_POLL_SECS)
             except (ray.exceptions.RayError, TimeoutError) as exc:
                 logger.debug(f"engine {self.name} not ready: {type(exc).__name__}")
                 self._stopping.wait(RECONNECT_SECS)
@@ -265,6 +267,7 @@ class PoolMember:
         self._stopping.set()
         if self.engine is not None:
             await self.engine.aclose()
+        await asyncio.to_thread(self._thread.join, CONNECT_POLL_SECS + HEARTBEAT_SECS)
 
 
 class EngineLease:

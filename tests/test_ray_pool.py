@@ -1,0 +1,171 @@
+"""Scale-out on Ray: two tiny engines as actors of a local cluster, calls placed on them, one engine killed."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+import signal
+import time
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from mimo_voice.configs import load_config  # noqa: E402
+from mimo_voice.streaming.bench.engine import ForcedAudio  # noqa: E402
+from mimo_voice.streaming.cluster.pool import EnginePool, connect_ray  # noqa: E402
+from mimo_voice.streaming.engine.engine import EngineClosed  # noqa: E402
+from mimo_voice.streaming.engine.events import AudioPatch, TurnEnd  # noqa: E402
+
+LIMIT = 3  # calls per engine
+
+
+@pytest.fixture(scope="module")
+def pool():
+    """A private two-CPU Ray cluster with two tiny engines on CPU (one CPU each), shared by this module."""
+    from mimo_voice.streaming.presets.tiny_training import ensure_preset_checkpoints
+
+    config = load_config(
+        None,
+        [
+            "model.device=cpu",
+            "engine.backend=ray",
+            "engine.ray_address=local",
+            "engine.ray_engines=2",
+            f"engine.sessions_per_engine={LIMIT}",
+            "agent.max_new_groups=3000",
+        ],
+    )
+    ensure_preset_checkpoints(config.model.preset, config.model.cache_dir)  # built once here, not by both actors
+    connect_ray(config, num_cpus=2)
+    engines = EnginePool.connect(config, wait_secs=300)
+    assert engines.wait_ready(2, 300)
+    try:
+        yield engines
+    finally:
+        asyncio.run(engines.aclose())
+        ray.shutdown()
+
+
+def names(leases) -> collections.Counter:
+    return collections.Counter(lease.name for lease in leases)
+
+
+async def first_audio(events) -> None:
+    async for event in events:
+        if isinstance(event, AudioPatch):
+            return
+    raise AssertionError("the response ended before its first audio patch")
+
+
+async def audio_after(events, moment: float) -> None:
+    """Reads a response until an audio patch generated after ``moment`` (perf_counter, the same clock on
+    this machine in every process)."""
+    async for event in events:
+        if isinstance(event, AudioPatch) and event.time > moment:
+            return
+        assert not isinstance(event, TurnEnd), f"the response ended: {event}"
+
+
+async def until_end(events) -> TurnEnd:
+    async for event in events:
+        if isinstance(event, TurnEnd):
+            return event
+    raise AssertionError("the response stream ended without a TurnEnd")
+
+
+async def test_four_calls_spread_two_and_two(pool):
+    leases = [pool.lease() for _ in range(4)]
+    try:
+        assert names(leases) == {"mimo-engine-0": 2, "mimo-engine-1": 2}
+        sessions = [lease.new_session() for lease in leases]
+        await asyncio.gather(*(session.caught_up() for session in sessions))
+        # Each engine itself reports the two sessions (what other front-ends place by).
+        loads = {member.name: member.engine.channel.load["sessions"] for member in pool.members}
+        assert await _eventually(lambda: all(member.load == 2 for member in pool.members)), loads
+        for session in sessions:
+            await session.close()
+        assert await _eventually(lambda: all(member.engine.channel.load["sessions"] == 0 for member in pool.members))
+    finally:
+        for lease in leases:
+            lease.release()
+
+
+async def test_killed_engine_ends_its_calls_others_go_on_and_it_comes_back(pool):
+    leases = [pool.lease() for _ in range(4)]
+    assert names(leases) == {"mimo-engine-0": 2, "mimo-engine-1": 2}
+    sessions = [lease.new_session() for lease in leases]
+    for lease, session in zip(leases, sessions):
+        session.text_hook = ForcedAudio(lease.engine, patches=100_000)  # speaks until cancelled
+    responses = [session.respond() for session in sessions]
+    await asyncio.gather(*(first_audio(events) for events in responses))
+
+    victim = pool.members[0]
+    on_victim = [i for i, lease in enumerate(leases) if lease.name == victim.name]
+    survivors = [i for i in range(4) if i not in on_victim]
+    restarts = victim.restarts
+    killed = time.perf_counter()
+    os.kill(victim.engine.info.pid, signal.SIGKILL)
+
+    ends = await asyncio.wait_for(asyncio.gather(*(until_end(responses[i]) for i in on_victim)), timeout=5)
+    ended_within = time.perf_counter() - killed
+    for end in ends:
+        assert end.reason == "error" and victim.name in end.error
+    reasons = await asyncio.wait_for(asyncio.gather(*(leases[i].wait_closed() for i in on_victim)), 1)
+    assert all(victim.name in reason for reason in reasons)
+    assert ended_within < 5
+
+    # The other two calls go on: they still produce audio after their neighbours' calls ended.
+    ended = time.perf_counter()
+    await asyncio.wait_for(asyncio.gather(*(audio_after(responses[i], ended) for i in survivors)), timeout=10)
+    for i in survivors:
+        await sessions[i].cancel()
+        end = await until_end(responses[i])
+        assert end.reason == "cancelled"
+    with pytest.raises(EngineClosed):
+        await sessions[on_victim[0]].add_text("user", "anyone there?")
+
+    # New calls avoid the dead engine until Ray has restarted it and it has reported ready.
+    assert not victim.ready.is_set()
+    newcomer = pool.lease()
+    assert newcomer is not None and newcomer.name == "mimo-engine-1"
+    assert await asyncio.to_thread(victim.ready.wait, 120)
+    assert victim.restarts == restarts + 1
+    returning = pool.lease()
+    assert returning is not None and returning.name == victim.name  # now the one with the most room
+    session = returning.new_session()
+    await session.add_text("user", "hello again")
+    end = await until_end(session.respond())
+    assert end.reason in ("stop", "length")
+
+    await session.close()
+    for i in survivors:
+        await sessions[i].close()
+    for i in on_victim:
+        with contextlib.suppress(EngineClosed):
+            await sessions[i].close()
+    for lease in [*leases, newcomer, returning]:
+        lease.release()
+
+
+async def test_overfull_pool_refuses_new_calls(pool):
+    leases = [pool.lease() for _ in range(2 * LIMIT)]
+    assert None not in leases and names(leases) == {"mimo-engine-0": LIMIT, "mimo-engine-1": LIMIT}
+    assert pool.lease() is None
+    assert "every engine is full" in pool.busy_message()
+    leases.pop().release()
+    again = pool.lease()
+    assert again is not None
+    for lease in [*leases, again]:
+        lease.release()
+
+
+async def _eventually(condition, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
