@@ -169,3 +169,50 @@ async def _eventually(condition, timeout: float = 5.0) -> bool:
             return False
         await asyncio.sleep(0.05)
     return True
+
+
+async def test_server_over_a_full_pool_answers_503_and_reports_the_pool(pool):
+    import httpx
+    from aiortc import RTCPeerConnection
+    from mimo_voice.transports.server import create_app
+
+    async def never_runs(transport, ctx):
+        raise AssertionError("no call gets through to a bot here")
+
+    pc = RTCPeerConnection()
+    pc.addTransceiver("audio", direction="sendrecv")
+    await pc.setLocalDescription(await pc.createOffer())
+    offer = {"sdp": pc.localDescription.sdp, "type": "offer"}
+    await pc.close()
+    app = create_app(pool.config, engine=pool, run_bot=never_runs)
+    leases = [pool.lease() for _ in range(2 * LIMIT)]
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+            refused = await http.post("/api/offer", json=offer)
+            health = (await http.get("/health")).json()
+            metrics = (await http.get("/metrics")).text
+    finally:
+        for lease in leases:
+            lease.release()
+    assert refused.status_code == 503
+    assert refused.json()["detail"].startswith("every engine is full or down (2/2 ready)")
+    assert app.state.hub.metrics.sessions_refused.value("engines_full") == 1
+    engines = health["engines"]
+    assert engines["engines"] == 2 and engines["ready"] == 2
+    assert {row["name"]: row["sessions"] for row in engines["per_engine"]} == {
+        "mimo-engine-0": LIMIT,
+        "mimo-engine-1": LIMIT,
+    }
+    assert f'mimo_voice_engine_sessions{{engine="mimo-engine-0"}} {LIMIT}' in metrics
+    assert 'mimo_voice_engine_ready{engine="mimo-engine-1"} 1' in metrics
+
+
+def test_engines_command_lists_the_pool(pool, capsys):
+    from mimo_voice.transports.cli import main
+
+    assert main(["engines"]) == 0  # joins the cluster this process is already in
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["name", "state", "sessions", "active", "device", "pid"]
+    rows = [line.split() for line in lines[1:]]
+    assert [row[:3] for row in rows] == [["mimo-engine-0", "ready", "0"], ["mimo-engine-1", "ready", "0"]]
+    assert {int(row[5]) for row in rows} == {member.engine.info.pid for member in pool.members}

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from loguru import logger
-from mimo_voice.configs import Config
+from mimo_voice.configs import Config, ConfigError
 from mimo_voice.streaming.engine.engine import Engine, EngineClosed
 from mimo_voice.streaming.engine.events import TurnEnd
 from mimo_voice.streaming.engine.session import Session
@@ -43,8 +43,10 @@ class EnginesFull(RuntimeError):
 
 def connect_ray(config: Config, *, num_cpus: int | None = None) -> None:
     """Joins the cluster ``engine.ray_address`` names (``local``: starts a private one in this process)."""
-    import ray
-
+    try:
+        import ray
+    except ModuleNotFoundError:
+        raise ConfigError("engine.backend: ray needs Ray: pip install 'mimo-voice[ray]'") from None
     if ray.is_initialized():
         return
     options: dict[str, Any] = {"namespace": config.engine.ray_namespace, "log_to_driver": False}
@@ -52,7 +54,13 @@ def connect_ray(config: Config, *, num_cpus: int | None = None) -> None:
         options |= {"num_cpus": num_cpus, "include_dashboard": False, "object_store_memory": OBJECT_STORE_BYTES}
     else:
         options["address"] = config.engine.ray_address
-    ray.init(**options)
+    try:
+        ray.init(**options)
+    except ConnectionError as exc:
+        hint = "start one with `ray start --head`, or set engine.ray_address"
+        raise ConfigError(
+            f"engine.ray_address={config.engine.ray_address}: no Ray cluster there ({hint}): {exc}"
+        ) from None
 
 
 def engine_handle(config: Config, name: str) -> Any:
@@ -389,23 +397,3 @@ class EnginePool:
     async def aclose(self) -> None:
         """Leaves the pool; the engines serve on for other front-ends."""
         await asyncio.gather(*(member.aclose() for member in self.members))
-
-
-def list_engines(config: Config, timeout: float = 5.0) -> list[dict[str, Any]]:
-    """Every engine actor of the namespace and what it says about itself (``mimo-voice engines``)."""
-    import ray
-
-    connect_ray(config)
-    names = sorted(
-        actor["name"]
-        for actor in ray.util.list_named_actors(all_namespaces=True)
-        if actor["namespace"] == config.engine.ray_namespace and actor["name"].startswith(ENGINE_PREFIX)
-    )
-    rows = []
-    for name in names:
-        handle = ray.get_actor(name, namespace=config.engine.ray_namespace)
-        try:
-            rows.append({"state": "ready", **ray.get(handle.status.remote(), timeout=timeout)})
-        except (ray.exceptions.RayError, TimeoutError) as exc:
-            rows.append({"name": name, "state": f"not answering ({type(exc).__name__})"})
-    return rows
