@@ -216,3 +216,20 @@ def test_engines_command_lists_the_pool(pool, capsys):
     rows = [line.split() for line in lines[1:]]
     assert [row[:3] for row in rows] == [["mimo-engine-0", "ready", "0"], ["mimo-engine-1", "ready", "0"]]
     assert {int(row[5]) for row in rows} == {member.engine.info.pid for member in pool.members}
+
+
+def test_bench_engine_reports_the_ray_hop_next_to_the_local_pipe(pool, tmp_path, capsys):
+    import json
+
+    from mimo_voice.streaming.bench import engine as bench
+
+    target = tmp_path / "engine.json"
+    argv = ["--backend", "ray", "--runs", "1", "--turns", "2", "--patches", "4", "--user-secs", "0.5"]
+    assert bench.main(pool.config.model_copy(deep=True), [*argv, "--json", str(target)]) in (0, 1)  # 1: turn ratio
+    out = capsys.readouterr().out
+    assert "the Ray hop (target: <= 2 ms added per audio group, p50)" in out
+    report = json.loads(target.read_text())
+    for metrics in (report["metrics"], report["ray"]["metrics"]):
+        assert metrics["delivery_ms"]["n"] == 2 * 4 and 0 < metrics["delivery_ms"]["p50"] < 1000
+    # The bench's session on the shared engine is closed again (as the engine's next report says).
+    assert asyncio.run(_eventually(lambda: pool.members[0].load == 0))
