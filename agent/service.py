@@ -35,8 +35,9 @@ from mimo_voice.streaming.engine.events import (
     ToolCallText,
     TurnEnd,
 )
-from mimo_voice.streaming.engine.prompts import check_mode
+from mimo_voice.streaming.model.prompts import check_mode
 from mimo_voice.tools import END_CALL_TOOL, ToolCall, ToolCallError, parse_tool_call, tools_prompt
+from mimo_voice.tools.calls import error_text, is_error_result, result_text
 from pipecat.audio.vad.vad_analyzer import VAD_START_SECS
 from pipecat.frames.frames import (
     EndWorkerFrame,
@@ -100,29 +101,12 @@ class _Response:
     generated_samples: int = 0  # 24 kHz samples pushed so far
 
 
-def _error_result(message: str) -> str:
-    return json.dumps({"error": message}, ensure_ascii=False)
-
-
-def _is_error_result(result: Any) -> bool:
-    if isinstance(result, str):
-        try:
-            result = json.loads(result)
-        except json.JSONDecodeError:
-            return False
-    return isinstance(result, dict) and "error" in result
-
-
 def _runs_llm(frame: FunctionCallResultFrame) -> bool:
     """Whether the model should answer this result (pipecat's precedence: properties, then the frame)."""
     for choice in (frame.properties.run_llm if frame.properties else None, frame.run_llm):
         if choice is not None:
             return choice
     return True
-
-
-def _result_text(result: Any) -> str:
-    return result if isinstance(result, str) else json.dumps(result, ensure_ascii=False, default=str)
 
 
 class MiMoAudioService(LLMService):
@@ -473,7 +457,7 @@ class MiMoAudioService(LLMService):
             call = parse_tool_call(raw_call, [name for name in self._functions if name])
         except ToolCallError as exc:
             logger.warning(f"{self}: bad tool call {raw_call!r}: {exc}")
-            await self._session.add_text("tool", _error_result(str(exc)))
+            await self._session.add_text("tool", error_text(str(exc)))
             return True
         await self._run_tool_call(call)
         return False
@@ -495,12 +479,12 @@ class MiMoAudioService(LLMService):
         if isinstance(frame, FunctionCallResultFrame):
             if frame.properties is not None and not frame.properties.is_final:
                 return
-            text = _result_text(frame.result)
+            text = result_text(frame.result)
             run_llm = _runs_llm(frame)
-            if frame.function_name == END_CALL_TOOL and not _is_error_result(frame.result):
+            if frame.function_name == END_CALL_TOOL and not is_error_result(frame.result):
                 self._end_after_reply = True
         else:
-            text = _error_result(f"The call to {frame.function_name} was cancelled before it finished.")
+            text = error_text(f"The call to {frame.function_name} was cancelled before it finished.")
             run_llm = frame.run_llm
         self._pending_calls.discard(frame.tool_call_id)
         logger.info(f"{self}: tool result for {frame.function_name}: {text}")

@@ -127,7 +127,7 @@ def test_loading_errors_name_the_key(tiny_tokenizer_dir, tmp_path):
     with pytest.raises(CheckpointError, match=rf"'{key}' has shape \[3, 3\]"):
         load_audio_tokenizer(shaped)
     extra = _broken_copy(tiny_tokenizer_dir, tmp_path / "extra", lambda s: s.update({"decoder.extra": torch.zeros(1)}))
-    with pytest.raises(CheckpointError, match="unexpected key 'decoder.extra'"):
+    with pytest.raises(CheckpointError, match=r"unexpected key 'decoder\.extra'"):
         load_audio_tokenizer(extra)
 
 

@@ -109,7 +109,7 @@ def test_wav_fixtures_are_read_relative_to_the_scenario(tmp_path):
     [fixture] = FixtureFactory(scenario).build_all()
     assert fixture.sample_rate == 48_000 and fixture.duration == pytest.approx(1.0, abs=0.03)
     missing = load_scenario(write_scenario(tmp_path, "name: w\nsteps: [{kind: noise, wav: nope.wav}]\n"))
-    with pytest.raises(ScenarioError, match="nope.wav"):
+    with pytest.raises(ScenarioError, match=r"nope\.wav"):
         FixtureFactory(missing).build_all()
 
 

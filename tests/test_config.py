@@ -59,7 +59,7 @@ def test_wrong_type_names_key_and_file(tmp_path: Path):
 def test_out_of_range_value_is_rejected(tmp_path: Path):
     path = tmp_path / "bad.yaml"
     path.write_text("vad:\n  frame_ms: 25\n")
-    with pytest.raises(ConfigError, match="vad.frame_ms"):
+    with pytest.raises(ConfigError, match=r"vad\.frame_ms"):
         load_config(path)
 
 
@@ -87,7 +87,7 @@ def test_overrides_set_any_field():
 
 
 def test_bad_override_names_the_key():
-    with pytest.raises(ConfigError, match="agent.mode"):
+    with pytest.raises(ConfigError, match=r"agent\.mode"):
         load_config(None, ["agent.mode=sleepy"])
     with pytest.raises(ConfigError, match="not of the form"):
         load_config(None, ["agent.mode"])

@@ -16,7 +16,10 @@ def test_imports_under_the_mimo_voice_namespace(name):
 
 def test_bare_folder_names_are_not_importable_from_elsewhere(tmp_path):
     # From outside the checkout, only the namespaced names exist.
-    code = "import importlib.util as u; print(u.find_spec('streaming') is None, u.find_spec('mimo_voice.streaming') is not None)"
+    code = (
+        "import importlib.util as u; "
+        "print(u.find_spec('streaming') is None, u.find_spec('mimo_voice.streaming') is not None)"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "True"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mimo_voice.streaming.engine.prompts import (
+from mimo_voice.streaming.model.prompts import (
     INTERRUPTED_NOTE,
     Positions,
     PromptBuilder,

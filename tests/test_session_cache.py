@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from mimo_voice.streaming.engine.events import SAMPLES_PER_PATCH, AudioChunk, AudioPatch
-from mimo_voice.streaming.engine.prompts import INTERRUPTED_NOTE, Positions
+from mimo_voice.streaming.model.prompts import INTERRUPTED_NOTE, Positions
 from session_support import (
     FirstLogits,
     Script,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from mimo_voice.streaming.engine.context import Context, Segment
-from mimo_voice.streaming.engine.prompts import Positions
+from mimo_voice.streaming.model.prompts import Positions
 from session_support import Script, collect, context_report, end_of, opened, record_length, speech
 
 EMPTY = 7  # the text id of an audio position in these unit tests

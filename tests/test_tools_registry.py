@@ -305,5 +305,5 @@ async def test_support_config_builds_the_demo_tools(tmp_path, monkeypatch):
 
 def test_unknown_tool_in_config_is_a_config_error():
     config = load_config(None, ["tools.enabled=[calculator, teleport]"])
-    with pytest.raises(ConfigError, match="tools.enabled: unknown tool.*teleport"):
+    with pytest.raises(ConfigError, match=r"tools\.enabled: unknown tool.*teleport"):
         build_registry(config.tools, timeout_secs=1.0)

@@ -15,14 +15,27 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
-TOOL_CALL_OPEN = "<tool_call>"
-TOOL_CALL_CLOSE = "</tool_call>"
+from mimo_voice.configs.errors import ToolError
+from mimo_voice.streaming.model.prompts import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+
+__all__ = [
+    "TOOL_CALL_CLOSE",
+    "TOOL_CALL_OPEN",
+    "ToolCall",
+    "ToolCallError",
+    "error_text",
+    "is_error_result",
+    "parse_tool_call",
+    "result_text",
+    "tools_prompt",
+]
+
 
 _CALL_FORMAT = f'{TOOL_CALL_OPEN}{{"name": "<tool name>", "arguments": {{<JSON object>}}}}{TOOL_CALL_CLOSE}'
 _CODE_FENCE = re.compile(r"^```[a-zA-Z]*\s*(.*?)\s*```$", re.DOTALL)
 
 
-class ToolCallError(ValueError):
+class ToolCallError(ToolError):
     """A tool call that could not be made or did not succeed; the message is written for the model's context."""
 
 
@@ -90,3 +103,23 @@ def tools_prompt(schemas: list[dict[str, Any]]) -> str:
         "The call is never spoken to the user. Its result comes back in a tool turn, as text or as "
         '{"error": "..."}; then answer the user briefly, and never invent results you were not given.'
     )
+
+
+def result_text(result: Any) -> str:
+    """A tool's result as the text the model reads: strings as they are, anything else as JSON."""
+    return result if isinstance(result, str) else json.dumps(result, ensure_ascii=False, default=str)
+
+
+def error_text(message: str) -> str:
+    """A failed or cancelled call as the model reads it: ``{"error": message}``."""
+    return json.dumps({"error": message}, ensure_ascii=False)
+
+
+def is_error_result(result: Any) -> bool:
+    """Whether a result (a dict or its JSON text) is an :func:`error_text`."""
+    if isinstance(result, str):
+        try:
+            result = json.loads(result)
+        except json.JSONDecodeError:
+            return False
+    return isinstance(result, dict) and "error" in result

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -25,7 +24,7 @@ from pipecat.services.llm_service import FunctionCallParams, FunctionCallResultP
 from pydantic import ValidationError
 
 from .builtin import enabled_tools
-from .calls import ToolCallError, unknown_tool_error
+from .calls import ToolCallError, error_text, result_text, unknown_tool_error
 
 if TYPE_CHECKING:
     from mimo_voice.configs.schema import ToolsSection
@@ -120,10 +119,6 @@ def _describe_validation(name: str, error: ValidationError) -> str:
     return f"Invalid arguments for {name}: {details}."
 
 
-def _as_text(result: Any) -> str:
-    return result if isinstance(result, str) else json.dumps(result, ensure_ascii=False, default=str)
-
-
 def _standalone_params(name: str, arguments: dict[str, Any]) -> FunctionCallParams:
     """Params for a call made outside a pipeline (no LLM, worker or context)."""
 
@@ -200,14 +195,14 @@ class ToolRegistry:
             logger.warning(f"tool {name} failed: {exc!r}")
             logger.opt(exception=exc).debug(f"traceback of tool {name}")
             raise ToolCallError(f"{name} failed: {str(exc) or type(exc).__name__}") from None
-        return _as_text(result)
+        return result_text(result)
 
     async def _answer(self, params: FunctionCallParams) -> None:
         """pipecat handler: every outcome, errors included, goes back through ``result_callback``."""
         try:
             result = await self.call(params.function_name, dict(params.arguments), params=params)
         except ToolCallError as exc:
-            result = json.dumps({"error": str(exc)}, ensure_ascii=False)
+            result = error_text(str(exc))
         await params.result_callback(result)
 
     def register_with(self, llm: LLMService) -> None:

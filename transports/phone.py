@@ -13,6 +13,7 @@ ends the call when no TwiML follows the ``<Connect>``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -148,7 +149,5 @@ async def handle_twilio(websocket: WebSocket, hub: SessionHub) -> None:
 
 async def _close(websocket: WebSocket, code: int, reason: str) -> None:
     if websocket.application_state != WebSocketState.DISCONNECTED:
-        try:
+        with contextlib.suppress(RuntimeError, WebSocketDisconnect):  # the peer went first
             await websocket.close(code=code, reason=reason[:120])  # a close reason must fit 123 bytes
-        except (RuntimeError, WebSocketDisconnect):  # the peer went first
-            pass

@@ -4,7 +4,9 @@ Each run is one conversation of ``--turns`` turns through the real :class:`Sessi
 speech (a synthetic speech-like signal) is fed in 20 ms pieces at 16 kHz, resampled, encoded and
 prefilled while it "arrives"; ``respond()`` then marks the end of the turn, and the reply is generated
 with audio forced at every position (as the official figures were measured) and decoded to PCM
-while it is generated. Reported, with p50/p90 over runs (and turns where it applies):
+while it is generated. Forcing goes through a text hook, so the benchmark runs a testing engine
+(:mod:`mimo_voice.streaming.engine.testing`): the same worker and step loop as production, plus the hook.
+Reported, with p50/p90 over runs (and turns where it applies):
 
 - per audio group: LLM step + 11-step patch decoder + patch encoder, and the same plus streaming decode;
   RTF = that time / 160 ms of audio;
@@ -28,9 +30,9 @@ import time
 
 import numpy as np
 from mimo_voice.configs import Config
-from mimo_voice.streaming.engine.engine import Engine
 from mimo_voice.streaming.engine.events import AudioChunk, AudioPatch, TurnEnd
-from mimo_voice.streaming.engine.session import Session
+from mimo_voice.streaming.engine.testing import TestingEngine as Engine
+from mimo_voice.streaming.engine.testing import TestingSession as Session
 
 from .report import ProgressBar, Table, add_json_argument, print_tables, summarize, write_json
 
@@ -38,6 +40,7 @@ INPUT_RATE = 16_000
 PIECE = INPUT_RATE // 50  # 20 ms, as WebRTC delivers it
 MAX_TURN_RATIO = 1.2
 HOP_COLUMNS = ["local pipe", "ray", "added"]
+BENCH_ENGINE = "mimo-bench-engine"
 # presets.md: the official implementation, 2-core CPU, fp32, greedy, audio forced (medians of 5 runs).
 OFFICIAL = {
     "tiny": {
@@ -146,15 +149,17 @@ async def _measure_on_ray(config: Config, args: argparse.Namespace) -> list[list
     """The same conversations on one engine actor of the Ray pool."""
     from mimo_voice.streaming.cluster.pool import EnginePool
 
-    pool = await asyncio.to_thread(EnginePool.connect, config)
+    # Its own engine actor, made to take text hooks, next to (not in) the deployment's pool; removed after.
+    pool = await asyncio.to_thread(EnginePool.connect, config, names=[BENCH_ENGINE], testing=True)
     lease = pool.lease()
     if lease is None:
         raise RuntimeError(pool.busy_message())
     try:
-        return await _measure(lease.engine, args)
+        return await _measure(lease.engine, args)  # type: ignore[arg-type]  # a TestingRemoteEngine
     finally:
         lease.release()
         await pool.aclose()
+        pool.kill()
 
 
 def _hop_table(local: dict, ray: dict) -> Table:

@@ -4,10 +4,11 @@ One :class:`EngineActor` per GPU (or per ``engine.ray_num_cpus`` CPUs) owns a :c
 and runs its loop on a thread, so batching stays inside the engine. Any number of front-ends *connect*: each
 gets a client number, sends the engine's usual messages with :meth:`EngineActor.submit` (one fire-and-forget
 call per message, sequence-numbered because Ray does not promise the order of a threaded actor's calls), and
-reads everything addressed to it from one streaming generator, :meth:`EngineActor.stream`, in batches. A
-front-end numbers its sessions and requests ``client << CLIENT_SHIFT | n``, so the actor routes the worker's
-replies by id alone. The stream also reports the engine's load at least every ``HEARTBEAT_SECS``: a silent
-stream is how a front-end tells a hung engine from a busy one. A front-end that stops sending for
+reads everything addressed to it from one streaming generator, :meth:`EngineActor.stream`, in batches. The
+messages are the engine's own (:mod:`..engine.protocol`), as over the local pipe. A front-end numbers its
+sessions and requests ``client << CLIENT_SHIFT | n``, so the actor routes the worker's replies by id alone.
+The stream also reports the engine's load at least every ``HEARTBEAT_SECS``: a silent stream is how a
+front-end tells a hung engine from a busy one. A front-end that stops sending for
 ``CLIENT_TIMEOUT_SECS`` (it touches the actor every second) is presumed dead: its sessions are closed.
 """
 
@@ -24,6 +25,7 @@ from typing import Any
 
 from loguru import logger
 from mimo_voice.configs import Config
+from mimo_voice.streaming.engine.protocol import Call, Close, EventMessage, History, Request, Result
 
 CLIENT_SHIFT = 32
 HEARTBEAT_SECS = 1.0
@@ -39,14 +41,15 @@ class EngineInfo:
     tokenizer: Any
     model_config: Any
     is_tiny: bool
+    testing: bool
     node: str
     pid: int
     device: str
 
 
 class Mailbox:
-    """The worker's end of the boundary inside the actor (what the pipe is to the worker process): an inbox it
-    polls, and one outbox per front-end that its messages are routed to."""
+    """The worker's :class:`~..engine.protocol.Channel` inside the actor (what the pipe is to the worker
+    process): an inbox it polls, and one outbox per front-end that its replies are routed to."""
 
     def __init__(self) -> None:
         self._inbox: collections.deque[Any] = collections.deque()
@@ -63,14 +66,26 @@ class Mailbox:
         with self._ready:
             return self._inbox.popleft()
 
-    def send(self, message: tuple) -> None:
-        if message[0] == "stopped":
-            for outbox in list(self.outboxes.values()):
+    def send(self, message: Any) -> None:
+        """Results, events and histories to the front-end whose id they carry; heartbeats and Stopped to all."""
+        if isinstance(message, Result):
+            owner: int | None = message.request_id >> CLIENT_SHIFT
+        elif isinstance(message, (EventMessage, History)):
+            owner = message.session_id >> CLIENT_SHIFT
+        else:
+            owner = None
+        for client, outbox in list(self.outboxes.items()):
+            if owner in (None, client):
                 outbox.put(message)
-            return
-        outbox = self.outboxes.get(message[1] >> CLIENT_SHIFT)
-        if outbox is not None:  # else that front-end is gone
-            outbox.put(message)
+
+    def encode(self, message: Any) -> bytes:
+        return pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+
+    def send_encoded(self, data: bytes) -> None:
+        self.send(pickle.loads(data))
+
+    def close(self) -> None:
+        pass
 
     # --- the actor's side ---
 
@@ -113,7 +128,7 @@ class Outbox:
 class EngineActor:
     """A Ray actor (made remote by :func:`engine_actor_class`) that owns one engine's worker."""
 
-    def __init__(self, config: Config, name: str) -> None:
+    def __init__(self, config: Config, name: str, testing: bool = False) -> None:
         from mimo_voice.configs.logging import setup_logging
 
         setup_logging(config.logging.level)
@@ -123,7 +138,7 @@ class EngineActor:
         self._lock = threading.Lock()
         self._clients = 0
         began = time.perf_counter()
-        self.worker, self.info = _load_worker(config, self.mailbox)
+        self.worker, self.info = _load_worker(config, self.mailbox, testing)
         logger.info(f"engine {name} ready in {time.perf_counter() - began:.1f} s on {self.info['device']}")
         threading.Thread(target=self._run, name="mimo-engine-loop", daemon=True).start()
         threading.Thread(target=self._reap, name="mimo-engine-reaper", daemon=True).start()
@@ -150,7 +165,7 @@ class EngineActor:
             while outbox.next_seq in outbox.early:
                 ready.append(pickle.loads(outbox.early.pop(outbox.next_seq)))
                 outbox.next_seq += 1
-        self.mailbox.deliver(ready)
+        self.mailbox.deliver([message for message in ready if _may_send(message)])
 
     def touch(self, client: int) -> bool:
         """The front-end is alive (sent every second); False if the actor no longer knows it."""
@@ -165,8 +180,6 @@ class EngineActor:
         while outbox is not None and not outbox.closed:
             messages = outbox.take(HEARTBEAT_SECS)
             yield self.load(), messages
-            if any(message[0] == "stopped" for message in messages):
-                return
 
     def disconnect(self, client: int) -> None:
         """A front-end leaves (or was presumed dead): close its sessions, end its stream."""
@@ -174,7 +187,7 @@ class EngineActor:
         if outbox is None:
             return
         sessions = [sid for sid in list(self.worker.conversations) if sid >> CLIENT_SHIFT == client]
-        self.mailbox.deliver([("cast", sid, "close", ()) for sid in sessions])
+        self.mailbox.deliver([Close(session_id=sid) for sid in sessions])
         outbox.close()
 
     def load(self) -> dict[str, int]:
@@ -201,7 +214,15 @@ class EngineActor:
                     self.disconnect(client)
 
 
-def _load_worker(config: Config, mailbox: Mailbox) -> tuple[Any, dict[str, Any]]:
+def _may_send(message: Any) -> bool:
+    """Sessions' requests only: a front-end must not stop an engine that others share."""
+    if isinstance(message, (Call, Request)):
+        return True
+    logger.warning(f"dropped a {type(message).__name__} from a front-end: only session requests are accepted")
+    return False
+
+
+def _load_worker(config: Config, mailbox: Mailbox, testing: bool) -> tuple[Any, dict[str, Any]]:
     """The engine's worker in this process, as :meth:`~..engine.engine.Engine.load` starts one in a subprocess."""
     import torch
     from mimo_voice.streaming.engine.engine import OFFICIAL_TOKENIZER_REPO, read_voice_prompt
@@ -221,8 +242,9 @@ def _load_worker(config: Config, mailbox: Mailbox) -> tuple[Any, dict[str, Any]]
     if device.type == "cpu":  # the CPUs Ray gave this actor, not the machine's
         torch.set_num_threads(max(1, int(config.engine.ray_num_cpus)))
     voice = read_voice_prompt(config.agent.voice_prompt_wav) if config.agent.voice_prompt_wav else None
-    worker = Worker(config, llm_path, codec_path, voice, mailbox)  # type: ignore[arg-type]  # Mailbox is a Channel
+    worker = Worker(config, llm_path, codec_path, voice, mailbox, testing=testing)
     info = {
+        "testing": testing,
         "tokenizer": load_text_tokenizer(llm_path),
         "model_config": MiMoAudioConfig.from_pretrained(llm_path),
         "is_tiny": config.model.path is None,

@@ -18,6 +18,8 @@ import asyncio
 import collections
 import contextlib
 import itertools
+import pickle
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -25,13 +27,17 @@ from typing import Any
 
 from loguru import logger
 from mimo_voice.configs import Config, ConfigError
-from mimo_voice.streaming.engine.engine import Engine, EngineClosed
+from mimo_voice.configs.errors import EngineClosed
+from mimo_voice.streaming.engine.engine import Engine, preset_warning
 from mimo_voice.streaming.engine.events import TurnEnd
+from mimo_voice.streaming.engine.protocol import EventMessage
 from mimo_voice.streaming.engine.session import Session
+from mimo_voice.streaming.engine.testing import TestingEngine
 
 from .actor import CLIENT_SHIFT, HEARTBEAT_SECS, EngineActor, EngineInfo
 
 ENGINE_PREFIX = "mimo-engine-"
+ACTOR_GONE = -1  # the "exit code" of an engine actor whose stream ended (Ray does not report one)
 RECONNECT_SECS = 0.5
 CONNECT_POLL_SECS = 2.0  # how long one connect attempt waits, so that closing the pool is never held up long
 OBJECT_STORE_BYTES = 256 * 1024**2  # only for a private cluster: the engines pass small messages, no tensors
@@ -63,8 +69,9 @@ def connect_ray(config: Config, *, num_cpus: int | None = None) -> None:
         ) from None
 
 
-def engine_handle(config: Config, name: str) -> Any:
-    """The named engine actor, created (detached, restarted by Ray without limit) if it does not exist yet."""
+def engine_handle(config: Config, name: str, *, testing: bool = False) -> Any:
+    """The named engine actor, created (detached, restarted by Ray without limit) if it does not exist yet.
+    ``testing``: its worker accepts the testing requests (text hooks, inspect), for tests and benchmarks."""
     import ray
 
     num_gpus = config.engine.ray_num_gpus
@@ -80,11 +87,11 @@ def engine_handle(config: Config, name: str) -> Any:
         max_concurrency=64,  # one blocked stream per front-end, plus submits
         num_cpus=config.engine.ray_num_cpus,
         num_gpus=num_gpus,
-    ).remote(config, name)
+    ).remote(config, name, testing)
 
 
 class RayChannel:
-    """The front-end end of one engine actor, with the pipe :class:`~..engine.worker.Channel`'s interface."""
+    """The front-end end of one engine actor: a :class:`~..engine.protocol.Channel`, like the local pipe."""
 
     def __init__(self, handle: Any, info: EngineInfo) -> None:
         self.handle = handle
@@ -96,9 +103,18 @@ class RayChannel:
         self.load = {"sessions": 0, "active": 0}
         self.error: str | None = None
 
-    def send_packed(self, data: bytes) -> None:
+    def encode(self, message: Any) -> bytes:
+        return pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+
+    def send_encoded(self, data: bytes) -> None:
         # Called by the engine's sender thread alone, so sequence numbers follow the engine's order.
         self.handle.submit.remote(self.client, next(self._seq), data)
+
+    def send(self, message: Any) -> None:
+        self.send_encoded(self.encode(message))
+
+    def poll(self, timeout: float | None) -> bool:
+        return bool(self._batch)
 
     def recv(self) -> Any:
         """The next message; EOFError when the actor is gone (``error`` says how)."""
@@ -121,31 +137,57 @@ class RayChannel:
             self.handle.disconnect.remote(self.client)
 
 
+class ActorProcess:
+    """What :class:`~..engine.engine.Engine`'s supervision reads of its worker process, for an engine actor as
+    one front-end sees it: running until its stream ends, then gone with :data:`ACTOR_GONE`."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self.gone = threading.Event()
+
+    @property
+    def returncode(self) -> int | None:
+        return ACTOR_GONE if self.gone.is_set() else None
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if not self.gone.wait(timeout):
+            raise subprocess.TimeoutExpired("engine actor", timeout or 0)
+        return ACTOR_GONE
+
+    def kill(self) -> None:
+        """Ray restarts it (the way to end a hung engine)."""
+        import ray
+
+        ray.kill(self.handle, no_restart=False)
+
+
 class RemoteEngine(Engine):
-    """An :class:`~..engine.engine.Engine` whose worker is an engine actor: the same sessions, messages and
-    threads, over :class:`RayChannel`. Closing it disconnects this front-end; the actor serves on."""
+    """An :class:`~..engine.engine.Engine` whose worker is an engine actor: the same sessions, messages,
+    threads and supervision API, over :class:`RayChannel`. Closing it disconnects this front-end only."""
 
     def __init__(self, config: Config, handle: Any, info: EngineInfo) -> None:
         self.name = info.name
         self.info = info
         self.channel = RayChannel(handle, info)
-        self.down = threading.Event()
+        self.actor = ActorProcess(handle)
         self.down_reason = ""
-        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[str]]] = []
         super().__init__(
             config,
             tokenizer=info.tokenizer,
             model_config=info.model_config,
             is_tiny=info.is_tiny,
-            process=None,  # type: ignore[arg-type]  # no process: the actor's life is Ray's business
-            connection=self.channel,  # type: ignore[arg-type]  # a RayChannel is a Channel
+            process=self.actor,  # type: ignore[arg-type]  # the part of Popen that Engine uses
+            connection=self.channel,
         )
         # Ids unique on the actor across front-ends: it routes replies by ``id >> CLIENT_SHIFT``.
         self._ids = itertools.count((info.client << CLIENT_SHIFT) + 1)
 
     @property
-    def sessions(self) -> int:
-        return len(self._sessions)
+    def down(self) -> threading.Event:
+        return self.actor.gone
 
     def _fail_pending(self) -> None:
         """The stream ended: the engine died (or this front-end left). Every waiter learns why."""
@@ -154,42 +196,34 @@ class RemoteEngine(Engine):
         for future in futures.values():
             if not future.done():
                 future.set_exception(EngineClosed(self.down_reason))
-        for session in list(self._sessions.values()):
-            session._receive("event", None, TurnEnd("error", error=self.down_reason))
-        self.down.set()
-        for loop, waiter in self._waiters:
-            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
-                loop.call_soon_threadsafe(_resolve, waiter, self.down_reason)
-
-    async def wait_closed(self) -> str:
-        """Returns (the reason) once this engine is gone for this front-end."""
-        if self.down.is_set():
-            return self.down_reason
-        waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._waiters.append((asyncio.get_running_loop(), waiter))
-        if self.down.is_set():  # went down while we registered
-            return self.down_reason
-        return await waiter
+        ended = TurnEnd("error", error=self.down_reason)
+        for session_id, session in list(self._sessions.items()):
+            session._receive(EventMessage(session_id, None, ended))
+        self.actor.gone.set()  # wakes wait_closed()
 
     async def aclose(self) -> None:
+        """Leaves the engine (its sessions of this front-end close there); never stops the shared actor."""
         self._closed = True
         self._outbox.put(None)
         self.channel.close()
         await asyncio.to_thread(self._reader.join, HEARTBEAT_SECS * 3)
 
 
-def _resolve(waiter: asyncio.Future[str], reason: str) -> None:
-    if not waiter.done():
-        waiter.set_result(reason)
+class TestingRemoteEngine(RemoteEngine):
+    """A :class:`RemoteEngine` whose sessions take text hooks (the actor must be a testing one)."""
+
+    __test__ = False
+    session_class = TestingEngine.session_class
+    testing = True
 
 
 class PoolMember:
     """One named engine actor: connects, watches its health, reconnects once Ray has restarted it."""
 
-    def __init__(self, config: Config, name: str) -> None:
+    def __init__(self, config: Config, name: str, *, testing: bool = False) -> None:
         self.config = config
         self.name = name
-        self.handle = engine_handle(config, name)
+        self.handle = engine_handle(config, name, testing=testing)
         self.engine: RemoteEngine | None = None
         self.leases: set[EngineLease] = set()
         self.restarts = 0
@@ -251,7 +285,8 @@ class PoolMember:
                 logger.debug(f"engine {self.name} not ready: {type(exc).__name__}")
                 self._stopping.wait(RECONNECT_SECS)
                 continue
-            return RemoteEngine(self.config, self.handle, info)
+            engine_class = TestingRemoteEngine if info.testing else RemoteEngine
+            return engine_class(self.config, self.handle, info)
         return None
 
     def _watch(self, engine: RemoteEngine) -> None:
@@ -298,7 +333,8 @@ class EngineLease:
 
     async def wait_closed(self) -> str:
         """Returns, with the reason, when the engine this call is on dies."""
-        return await self.engine.wait_closed()
+        await self.engine.wait_closed()
+        return self.engine.down_reason
 
     def release(self) -> None:
         self.member.leases.discard(self)
@@ -312,13 +348,19 @@ class EnginePool:
         self.members = members
 
     @classmethod
-    def connect(cls, config: Config, *, wait_secs: float = 600.0) -> EnginePool:
-        """Joins the cluster and the pool (creating missing engines), and waits until one engine is ready."""
+    def connect(
+        cls, config: Config, *, wait_secs: float = 600.0, names: list[str] | None = None, testing: bool = False
+    ) -> EnginePool:
+        """Joins the cluster and the pool (creating missing engines), and waits until one engine is ready.
+        ``names``: other engine actors than the configured pool's; ``testing``: create them as testing ones."""
         connect_ray(config)
-        names = [f"{ENGINE_PREFIX}{i}" for i in range(config.engine.ray_engines)]
-        pool = cls(config, [PoolMember(config, name) for name in names])
+        names = names or [f"{ENGINE_PREFIX}{i}" for i in range(config.engine.ray_engines)]
+        pool = cls(config, [PoolMember(config, name, testing=testing) for name in names])
         if not pool.wait_ready(1, wait_secs):
             raise EngineClosed(f"no engine of the Ray pool became ready within {wait_secs:.0f} s")
+        if pool.is_tiny:
+            for line in preset_warning(config.model.preset):
+                logger.warning(line)
         return pool
 
     def wait_ready(self, count: int, timeout: float) -> bool:
@@ -393,6 +435,13 @@ class EnginePool:
         yield "# TYPE mimo_voice_engine_restarts_total counter\n"
         for member in self.members:
             yield f'mimo_voice_engine_restarts_total{{engine="{member.name}"}} {member.restarts}\n'
+
+    def kill(self) -> None:
+        """Ends this pool's engine actors for good (a benchmark's own engine; not a shared pool's)."""
+        import ray
+
+        for member in self.members:
+            ray.kill(member.handle, no_restart=True)
 
     async def aclose(self) -> None:
         """Leaves the pool; the engines serve on for other front-ends."""

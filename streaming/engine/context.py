@@ -25,9 +25,8 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch
+from mimo_voice.streaming.model.prompts import Positions
 from torch import Tensor
-
-from .prompts import Positions
 
 SegmentKind = Literal["voice", "user", "assistant", "closure", "tool", "system"]
 

@@ -22,16 +22,16 @@ from typing import TYPE_CHECKING
 
 import torch
 from mimo_voice.streaming.model.audio import float_to_pcm16
+from mimo_voice.streaming.model.prompts import THINK_CLOSE, Output
 
 from .context import Segment
 from .events import SAMPLES_PER_PATCH, AudioChunk, AudioPatch, Event, TextToken, ToolCallText, TurnEnd, TurnEndReason
-from .prompts import THINK_CLOSE, Output
 from .text_stream import Detokenizer, SpokenToken, ToolCallFilter, heard_text
 
 if TYPE_CHECKING:
     from mimo_voice.streaming.model.modeling_mimo_audio import MiMoAudioOutput
 
-    from .session import Conversation
+    from .conversation import Conversation
 
 THINK_END_TAG = THINK_CLOSE.strip()
 PATCH_SECONDS = SAMPLES_PER_PATCH / 24_000

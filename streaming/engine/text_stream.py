@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from mimo_voice.streaming.model.prompts import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from transformers import PreTrainedTokenizerBase
 
 from .events import Event, TextToken, ToolCallText
-from .prompts import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
 
 class Detokenizer:

@@ -14,16 +14,13 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
+from mimo_voice.configs.errors import CheckpointError
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not match the model; the message names the key or file."""
 
 
 def resolve_checkpoint_dir(path_or_repo: str | Path) -> Path:

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from mimo_voice.configs.errors import TokenizerError
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -28,10 +29,6 @@ SPECIAL_TOKEN_TEXT = {
     "im_end": "<|im_end|>",
     "endoftext": "<|endoftext|>",
 }
-
-
-class TokenizerError(ValueError):
-    """A text tokenizer that cannot be used; the message names the folder or the token."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +76,7 @@ MIMO_ADDED = ["<|sosp|>", "<|eosp|>", "<|empty|>", "<|Human|>", "<|SpeechLM|>", 
 TRAINED_VOCAB_SIZE = 2048
 
 # Qwen2's pre-tokenizer split (digits one by one, words with their leading space, punctuation runs).
-QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501
 
 CORPUS = """\
 Hello! How can I help you today? Hi there, thanks for calling. Good morning, good afternoon, good evening.
@@ -154,7 +151,8 @@ def _official_layout(trained: Tokenizer) -> dict:
 
 
 def write_tiny_text_tokenizer(folder: str | Path) -> None:
-    """Write ``tokenizer.json`` + ``tokenizer_config.json`` that ``load_text_tokenizer`` reads like the official ones."""
+    """Writes ``tokenizer.json`` + ``tokenizer_config.json``, which ``load_text_tokenizer`` reads like the
+    official ones."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     data = _official_layout(_train_bpe())

@@ -50,13 +50,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from loguru import logger
-from mimo_voice.streaming.engine import prompts
-from mimo_voice.streaming.engine.prompts import Positions, PromptBuilder
 from mimo_voice.streaming.model import (
     configuration_audio_tokenizer,
     configuration_mimo_audio,
     modeling_audio_tokenizer,
     modeling_mimo_audio,
+    prompts,
     text_tokenizer,
 )
 from mimo_voice.streaming.model.checkpoint import INDEX_NAME, SINGLE_NAME, save_weights
@@ -67,6 +66,7 @@ from mimo_voice.streaming.model.modeling_mimo_audio import (
     load_mimo_audio,
     write_tiny_checkpoint,
 )
+from mimo_voice.streaming.model.prompts import Positions, PromptBuilder
 from mimo_voice.streaming.model.text_tokenizer import TRAINED_VOCAB_SIZE, SpecialTokens
 from torch import Tensor, nn
 

@@ -30,9 +30,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from mimo_voice.streaming.model.text_tokenizer import SpecialTokens
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
+
+from .text_tokenizer import SpecialTokens
 
 Output = Literal["speech", "text"]
 
@@ -42,6 +43,8 @@ VOICE_PROMPT = "Your voice should be:"
 THINK_OPEN = "<think>\n"
 THINK_CLOSE = "</think>\n"
 THINK_OFF = "<think>\n\n</think>\n"
+# Tool calls are plain text in the chat format (Qwen2's tags, not special tokens): the engine keeps what lies
+# between them out of speech, the tools package parses it.
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 # Upstream picks a template at random; a fixed one keeps runs reproducible.
 TTS_TEMPLATE = {"en": "Please convert this text to speech", "zh": "请将这段文字转换为语音"}
