@@ -19,6 +19,7 @@ import collections
 import contextlib
 import itertools
 import pickle
+import random
 import subprocess
 import threading
 import time
@@ -377,7 +378,8 @@ class EnginePool:
         candidates = [(member, engine) for member, engine in ready if member.free_slots() > 0]
         if not candidates:
             return None
-        member, engine = max(candidates, key=lambda pair: pair[0].free_slots())
+        # Ties are broken at random, so that front-ends placing at the same moment do not all pick the first.
+        member, engine = max(candidates, key=lambda pair: (pair[0].free_slots(), random.random()))
         return EngineLease(member, engine)
 
     def new_session(self, **options: Any) -> Session:
