@@ -346,12 +346,14 @@ def _add_page_routes(app: FastAPI, hub: SessionHub) -> None:
     async def page() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html")
 
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
+    @app.get("/health", response_model=None)
+    async def health() -> dict[str, Any] | JSONResponse:
         sessions = len(hub.sessions)
         health = {"status": "ok", "sessions": sessions, "max_sessions": config.server.max_sessions, "tiny": is_tiny}
         if hasattr(hub.engine, "status"):  # the Ray pool: engines, ready, sessions per engine
-            health["engines"] = hub.engine.status()
+            pool = health["engines"] = hub.engine.status()
+            if pool["ready"] == 0:  # nothing can take a call: a load balancer should send none here
+                return JSONResponse({**health, "status": "engine_down"}, status_code=503)
         return health
 
     @app.get("/api/info")
