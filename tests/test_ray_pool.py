@@ -35,6 +35,7 @@ def pool():
             "engine.ray_address=local",
             "engine.ray_engines=2",
             f"engine.sessions_per_engine={LIMIT}",
+            "engine.ray_health_timeout_secs=2.5",
             "agent.max_new_groups=3000",
         ],
     )
@@ -150,7 +151,30 @@ async def test_killed_engine_ends_its_calls_others_go_on_and_it_comes_back(pool)
         lease.release()
 
 
+async def test_hung_engine_fails_its_health_check_ends_its_call_and_is_restarted(pool):
+    assert await asyncio.to_thread(pool.wait_ready, 2, 180)
+    victim = pool.members[1]
+    leases = [pool.lease(), pool.lease()]  # one on each engine
+    lease = next(lease for lease in leases if lease.name == victim.name)
+    session = lease.new_session()
+    session.text_hook = ForcedAudio(lease.engine, patches=100_000)
+    events = session.respond()
+    await first_audio(events)
+    restarts = victim.restarts
+
+    hung = time.perf_counter()
+    os.kill(victim.engine.info.pid, signal.SIGSTOP)  # alive to the OS, silent to the pool
+    end = await asyncio.wait_for(until_end(events), timeout=5)
+    assert end.reason == "error" and "no heartbeat" in end.error and victim.name in end.error
+    assert time.perf_counter() - hung < 5
+    assert await asyncio.to_thread(victim.ready.wait, 120)  # killed by the pool, restarted by Ray
+    assert victim.restarts == restarts + 1
+    for each in leases:
+        each.release()
+
+
 async def test_overfull_pool_refuses_new_calls(pool):
+    assert await asyncio.to_thread(pool.wait_ready, 2, 180)
     leases = [pool.lease() for _ in range(2 * LIMIT)]
     assert None not in leases and names(leases) == {"mimo-engine-0": LIMIT, "mimo-engine-1": LIMIT}
     assert pool.lease() is None
@@ -172,6 +196,7 @@ async def _eventually(condition, timeout: float = 5.0) -> bool:
 
 
 async def test_server_over_a_full_pool_answers_503_and_reports_the_pool(pool):
+    assert await asyncio.to_thread(pool.wait_ready, 2, 180)
     import httpx
     from aiortc import RTCPeerConnection
     from mimo_voice.transports.server import create_app

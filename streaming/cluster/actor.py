@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import os
 import pickle
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ from mimo_voice.streaming.engine.protocol import Call, Close, EventMessage, Hist
 CLIENT_SHIFT = 32
 HEARTBEAT_SECS = 1.0
 CLIENT_TIMEOUT_SECS = 15.0
+SWITCH_INTERVAL_SECS = 0.0005
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,9 @@ class EngineActor:
         from mimo_voice.configs.logging import setup_logging
 
         setup_logging(config.logging.level)
+        # The step loop and the threads that carry messages share the GIL. Python hands it over only every
+        # 5 ms by default: a reply would wait that long behind the loop's Python work between tensor ops.
+        sys.setswitchinterval(SWITCH_INTERVAL_SECS)
         self.name = name
         self.config = config
         self.mailbox = Mailbox()

@@ -175,6 +175,7 @@ class RemoteEngine(Engine):
         self.channel = RayChannel(handle, info)
         self.actor = ActorProcess(handle)
         self.down_reason = ""
+        self.left = False  # this front-end closed it: its end is no death
         super().__init__(
             config,
             tokenizer=info.tokenizer,
@@ -204,6 +205,7 @@ class RemoteEngine(Engine):
 
     async def aclose(self) -> None:
         """Leaves the engine (its sessions of this front-end close there); never stops the shared actor."""
+        self.left = True
         self._closed = True
         self._outbox.put(None)
         self.channel.close()
@@ -268,7 +270,7 @@ class PoolMember:
             logger.info(f"engine {self.name} ready (pid {engine.info.pid} on {engine.info.node})")
             self._watch(engine)
             self.ready.clear()
-            if self._stopping.is_set():
+            if self._stopping.is_set() or engine.left:
                 return
             self.state = "down"
             self.restarts += 1
