@@ -23,7 +23,7 @@ import random
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from loguru import logger
@@ -169,13 +169,17 @@ class RemoteEngine(Engine):
     """An :class:`~..engine.engine.Engine` whose worker is an engine actor: the same sessions, messages,
     threads and supervision API, over :class:`RayChannel`. Closing it disconnects this front-end only."""
 
-    def __init__(self, config: Config, handle: Any, info: EngineInfo) -> None:
+    def __init__(
+        self, config: Config, handle: Any, info: EngineInfo, on_down: Callable[[], None] | None = None
+    ) -> None:
         self.name = info.name
+        self.on_down = on_down  # told first, before any session: placement must not see it ready after
         self.info = info
         self.channel = RayChannel(handle, info)
         self.actor = ActorProcess(handle)
         self.down_reason = ""
         self.left = False  # this front-end closed it: its end is no death
+        self._down_lock = threading.Lock()
         super().__init__(
             config,
             tokenizer=info.tokenizer,
@@ -191,9 +195,21 @@ class RemoteEngine(Engine):
     def down(self) -> threading.Event:
         return self.actor.gone
 
+    def abandon(self, why: str) -> None:
+        """Gives the engine up now (a failed health check), without waiting for Ray to see it die."""
+        self.channel.error = why
+        self._closed = True
+        self._outbox.put(None)
+        self._fail_pending()
+
     def _fail_pending(self) -> None:
         """The stream ended: the engine died (or this front-end left). Every waiter learns why."""
-        self.down_reason = f"engine {self.name} is gone ({self.channel.error or 'stream ended'})"
+        with self._down_lock:  # once, whether the health check or the reader thread gets here first
+            if self.down_reason:
+                return
+            self.down_reason = f"engine {self.name} is gone ({self.channel.error or 'stream ended'})"
+        if self.on_down is not None:
+            self.on_down()
         futures, self._futures = self._futures, {}
         for future in futures.values():
             if not future.done():
@@ -261,6 +277,10 @@ class PoolMember:
         }
 
     def _supervise(self) -> None:
+        with contextlib.suppress(SystemExit):  # what Ray raises in threads waiting on it when this process leaves
+            self._serve()
+
+    def _serve(self) -> None:
         while not self._stopping.is_set():
             engine = self._connect()
             if engine is None:
@@ -269,13 +289,15 @@ class PoolMember:
             self.ready.set()
             logger.info(f"engine {self.name} ready (pid {engine.info.pid} on {engine.info.node})")
             self._watch(engine)
-            self.ready.clear()
             if self._stopping.is_set() or engine.left:
                 return
-            self.state = "down"
             self.restarts += 1
             logger.error(f"{engine.down_reason}: its {len(self.leases)} call(s) here end; Ray restarts it")
             self.leases.clear()  # those calls are over: the restarted engine starts empty
+
+    def _mark_down(self) -> None:
+        self.ready.clear()
+        self.state = "down"
 
     def _connect(self) -> RemoteEngine | None:
         """Waits for the actor to answer ``connect`` (it does once its model is loaded)."""
@@ -289,7 +311,7 @@ class PoolMember:
                 self._stopping.wait(RECONNECT_SECS)
                 continue
             engine_class = TestingRemoteEngine if info.testing else RemoteEngine
-            return engine_class(self.config, self.handle, info)
+            return engine_class(self.config, self.handle, info, on_down=self._mark_down)
         return None
 
     def _watch(self, engine: RemoteEngine) -> None:
@@ -304,9 +326,8 @@ class PoolMember:
             silent = time.monotonic() - engine.channel.last_heard
             if silent > timeout:
                 logger.error(f"engine {self.name} silent for {silent:.1f} s: killing it so that Ray restarts it")
-                engine.channel.error = f"no heartbeat for {silent:.1f} s"
+                engine.abandon(f"no heartbeat for {silent:.1f} s")
                 ray.kill(self.handle, no_restart=False)
-                engine.down.wait(timeout)
                 return
 
     async def aclose(self) -> None:
