@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import os
 import pickle
+import random
 import sys
 import threading
 import time
@@ -29,6 +30,7 @@ from mimo_voice.configs import Config
 from mimo_voice.streaming.engine.protocol import Call, Close, EventMessage, History, Request, Result
 
 CLIENT_SHIFT = 32
+CLIENT_LIMIT = 2**31  # client numbers are below it, so ids stay within 63 bits
 HEARTBEAT_SECS = 1.0
 CLIENT_TIMEOUT_SECS = 15.0
 SWITCH_INTERVAL_SECS = 0.0005
@@ -141,7 +143,6 @@ class EngineActor:
         self.config = config
         self.mailbox = Mailbox()
         self._lock = threading.Lock()
-        self._clients = 0
         began = time.perf_counter()
         self.worker, self.info = _load_worker(config, self.mailbox, testing)
         logger.info(f"engine {name} ready in {time.perf_counter() - began:.1f} s on {self.info['device']}")
@@ -149,12 +150,15 @@ class EngineActor:
         threading.Thread(target=self._reap, name="mimo-engine-reaper", daemon=True).start()
 
     def connect(self) -> EngineInfo:
-        """A new front-end: its client number and what it needs to build prompts."""
+        """A new front-end: its client number and what it needs to build prompts. Numbers are random, not
+        counted: after a restart, messages a front-end sent to the previous incarnation may still arrive, and
+        they must not pass for another front-end's."""
         import ray
 
         with self._lock:
-            self._clients += 1
-            client = self._clients
+            client = random.randrange(1, CLIENT_LIMIT)
+            while client in self.mailbox.outboxes:
+                client = random.randrange(1, CLIENT_LIMIT)
             self.mailbox.outboxes[client] = Outbox()
         return EngineInfo(client=client, name=self.name, node=ray.util.get_node_ip_address(), **self.info)
 
