@@ -36,6 +36,7 @@ def user_turn_strategies(config: Config, probe: VoicedSpeechProbe) -> UserTurnSt
     smart-turn model on top of it when ``vad.smart_turn`` is set."""
     guard = BargeInGuardUserTurnStartStrategy(probe=probe, min_speech_secs=config.agent.barge_in_min_speech_secs)
     turn_analyzer = create_turn_analyzer(config.vad)
+    stop: TurnAnalyzerUserTurnStopStrategy | SpeechTimeoutUserTurnStopStrategy
     if turn_analyzer is not None:
         stop = TurnAnalyzerUserTurnStopStrategy(turn_analyzer=turn_analyzer, wait_for_transcript=False)
     else:

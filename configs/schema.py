@@ -50,7 +50,7 @@ def _preset(text_t: float | None, text_p: float, audio_t: float = 0.9, audio_p: 
 
 
 def default_sampling() -> dict[str, TaskSampling]:
-    """Upstream's per-task presets (reference notes, section 2.7)."""
+    """Upstream's per-task presets (docs/mimo_audio.md §7)."""
     return {
         "default": TaskSampling(
             text=SamplerParams(temperature=0.6, top_k=50, top_p=0.95),

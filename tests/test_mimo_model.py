@@ -168,7 +168,7 @@ def test_tiny_checkpoint_is_in_the_official_layout_and_loads(tiny_llm_dir, tiny)
     assert set(index["weight_map"]) == set(tiny.state_dict())
     assert tiny.special_tokens == SPECIAL and not tiny.training
     assert tiny.lm_head.weight.dtype == torch.float32 and tiny.model.rotary_emb.inv_freq.dtype == torch.float32
-    assert sum(p.numel() for p in tiny.parameters()) == 19_746_560  # presets.md: 19.7 M
+    assert sum(p.numel() for p in tiny.parameters()) == 19_746_560  # docs/mimo_audio.md §9: 19.7 M
     # Deterministic seeded weights: the same as building the preset again with seed 0.
     again = MiMoAudioForCausalLM.random(MiMoAudioConfig.tiny(), SPECIAL, seed=0)
     assert all(torch.equal(value, again.state_dict()[key]) for key, value in tiny.state_dict().items())
@@ -411,9 +411,10 @@ def test_model_info_defaults_to_the_configured_preset(capsys):
     out = capsys.readouterr().out
     assert "embedded preset 'small'" in out and "<|eostm|>       151671" in out
     total = int(out.split("total")[1].split()[0].replace(",", ""))
-    assert 180e6 < total < 190e6  # presets.md: 186 M
+    assert 180e6 < total < 190e6  # docs/mimo_audio.md §9: 186 M
 
 
 def test_model_info_reports_a_missing_checkpoint(tmp_path, capsys):
-    assert cli.main(["model", "info", str(tmp_path)]) == 1
-    assert "model info" in capsys.readouterr().err
+    assert cli.main(["model", "info", str(tmp_path)]) == 2  # a MimoVoiceError: one line, exit 2
+    err = capsys.readouterr().err
+    assert err.startswith("mimo-voice: ") and str(tmp_path) in err and err.count("\n") == 1

@@ -1,4 +1,4 @@
-"""Prompt formats as model positions (reference notes, section 3), built with the tiny text tokenizer."""
+"""Prompt formats as model positions (docs/mimo_audio.md §9), built with the tiny text tokenizer."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ from mimo_voice.streaming.model.sampling import Sampler, SamplingParams
 
 
 def upstream_filter(scores: torch.Tensor, temperature: float, top_k: int | None, top_p: float) -> torch.Tensor:
-    """Upstream MiMoSampler.process, re-derived from the reference notes: the oracle for the kept set."""
+    """Upstream MiMoSampler.process, re-derived from docs/mimo_audio.md §7: the oracle for the kept set."""
     scores = scores / temperature
     if top_k is not None:
         kth = torch.topk(scores, min(top_k, scores.shape[-1]))[0][:, -1:]

@@ -78,7 +78,7 @@ def _evaluate(node: ast.AST) -> Number:
 
 
 def _value(node: ast.AST) -> Number:
-    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
         return node.value
     if isinstance(node, ast.Name):
         if node.id not in _CONSTANTS:

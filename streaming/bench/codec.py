@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile
@@ -81,18 +82,18 @@ def _int_list(text: str) -> list[int]:
 
 
 def _encode_settings(text: str) -> list[tuple[float, float]]:
-    pairs = [tuple(float(x) for x in item.split(":")) for item in text.split(",") if item.strip()]
+    pairs = [[float(x) for x in item.split(":")] for item in text.split(",") if item.strip()]
     if any(len(p) != 2 for p in pairs):
         raise ValueError(f"--encode takes chunk:overlap pairs, got {text!r}")
-    return pairs
+    return [(chunk, overlap) for chunk, overlap in pairs]
 
 
 # -- inputs ----------------------------------------------------------------------------------------------
 def load_tokenizer(config: Config, path: str | None, workdir: Path) -> MiMoAudioTokenizer:
     device = pick_device(config.model.device)
     dtype = pick_dtype(config.model.dtype, device)
-    path = path or config.model.tokenizer_path or write_tiny_tokenizer(workdir / "tiny_tokenizer", config.model.seed)
-    return load_audio_tokenizer(path, device=device, dtype=dtype)
+    source = path or config.model.tokenizer_path or write_tiny_tokenizer(workdir / "tiny_tokenizer", config.model.seed)
+    return load_audio_tokenizer(source, device=device, dtype=dtype)
 
 
 def synthetic_speech(seconds: float, seed: int = 0) -> np.ndarray:
@@ -294,7 +295,9 @@ def run(
     default_ahead = config.streaming.decode_lookahead_frames
     runs = [(default_left, la, str(la)) for la in lookaheads] + [(default_left, codes.shape[0], "full")]
     runs += [(left, default_ahead, str(default_ahead)) for left in contexts]
-    decode_rows, context_rows, encode_rows = [], [], []
+    decode_rows: list[dict[str, Any]] = []
+    context_rows: list[dict[str, Any]] = []
+    encode_rows: list[dict[str, Any]] = []
     with ProgressBar(len(runs) + len(settings), "bench codec") as progress:
         for index, (left, ahead, label) in enumerate(runs):
             row = {**measure_streaming_decode(tokenizer, codes, offline, left, ahead), "label": label}

@@ -18,7 +18,7 @@ Reported, with p50/p90 over runs (and turns where it applies):
   on the local pipe and then on an engine actor (``engine.ray_address``; ``local`` starts a private cluster),
   and prints what the Ray hop adds per audio group.
 
-The official implementation's figures on a 2-core CPU (presets.md) are printed alongside; they vary up to
+The official implementation's figures on a 2-core CPU (docs/mimo_audio.md §11) are printed alongside; they vary up to
 1.5x between runs on the same idle machine, so compare ratios measured side by side, not absolute values.
 """
 
@@ -41,7 +41,7 @@ PIECE = INPUT_RATE // 50  # 20 ms, as WebRTC delivers it
 MAX_TURN_RATIO = 1.2
 HOP_COLUMNS = ["local pipe", "ray", "added"]
 BENCH_ENGINE = "mimo-bench-engine"
-# presets.md: the official implementation, 2-core CPU, fp32, greedy, audio forced (medians of 5 runs).
+# docs/mimo_audio.md §11: the official implementation, 2-core CPU, fp32, greedy, audio forced (medians of 5 runs).
 OFFICIAL = {
     "tiny": {
         "group_ms": 13.5,
@@ -119,8 +119,11 @@ async def _turn(session: Session, audio: np.ndarray) -> dict[str, float]:
             first_pcm = event.time - started
         elif isinstance(event, TurnEnd):
             end = event
-    if end is None or end.reason != "stop":
-        raise RuntimeError(f"a benchmark turn ended with {end.reason if end else 'nothing'}: {end and end.error}")
+    if end is None or end.reason != "stop" or first_patch is None or first_pcm is None:
+        reason = end.reason if end else "nothing"
+        raise RuntimeError(
+            f"a benchmark turn ended with {reason} (audio: {first_pcm is not None}): {end and end.error}"
+        )
     steps = end.timings["ms_per_audio_step"]
     return {
         "prefill_s": end.timings["prefill_s"],

@@ -27,7 +27,7 @@ import wave
 import weakref
 from multiprocessing.connection import Pipe
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import numpy as np
 from loguru import logger
@@ -106,7 +106,7 @@ class Engine:
         self._watcher.start()
 
     @classmethod
-    def load(cls, config: Config) -> Engine:
+    def load(cls, config: Config) -> Self:
         """Loads the configured model (blocking); the embedded ``tiny`` preset when ``model.path`` is empty."""
         if config.model.path is None:
             from mimo_voice.streaming.presets.tiny_training import ensure_preset_checkpoints

@@ -24,6 +24,7 @@ class Detokenizer:
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        assert isinstance(text, str)  # one sequence in, one text out
         if text.endswith("\ufffd"):
             return ""
         delta, self.text = text[len(self.text) :], text
@@ -88,11 +89,12 @@ class ToolCallFilter:
 
     def unclosed_call(self) -> str | None:
         """The call text of a turn that ended inside an unclosed ``<tool_call>``."""
-        if self.in_call and self.call is None:
+        if self.call_start is not None and self.call is None:
             return self.text[self.call_start + len(TOOL_CALL_OPEN) :]
         return None
 
     def _check_close(self, time: float) -> None:
+        assert self.call_start is not None  # only called inside a call
         body_start = self.call_start + len(TOOL_CALL_OPEN)
         end = self.text.find(TOOL_CALL_CLOSE, body_start)
         if end >= 0 and self.call is None:

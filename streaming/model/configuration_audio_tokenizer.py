@@ -80,7 +80,7 @@ class AudioTokenizerConfig:
 
     @classmethod
     def tiny(cls) -> AudioTokenizerConfig:
-        """The test/CPU preset of presets.md: real rates, codebooks and windows; small transformers."""
+        """The test/CPU preset of docs/mimo_audio.md §11: real rates, codebooks and windows; small transformers."""
         return cls(
             d_model=64,
             encoder_layers=3,

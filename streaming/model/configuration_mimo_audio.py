@@ -152,7 +152,7 @@ class MiMoAudioConfig:
     # --- the three Qwen2 configs the model is built from ---
 
     def backbone_config(self) -> Qwen2Config:
-        config = Qwen2Config(
+        config = Qwen2Config(  # type: ignore[call-arg]  # head_dim, rope_theta pass through its **kwargs
             **self.extra,
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,
@@ -167,7 +167,7 @@ class MiMoAudioConfig:
             hidden_act=self.hidden_act,
             tie_word_embeddings=self.tie_word_embeddings,
         )
-        # SDPA honours the patch encoder's is_causal=False (eager and flash-attention do not, see the reference notes).
+        # SDPA honours the patch encoder's is_causal=False (eager and flash-attention do not: docs/mimo_audio.md §10.2).
         config._attn_implementation = "sdpa"
         return config
 
@@ -188,14 +188,15 @@ class MiMoAudioConfig:
 
     def input_local_config(self) -> Qwen2Config:
         """The patch encoder (``input_local_transformer``); upstream fixes its FFN at 4x its width."""
-        return self._local(self.input_local_dim, self.input_local_layers, 4 * self.input_local_dim)
+        dim = self.input_local_dim or self.local_dim  # set by __post_init__; `or` is for the type checker
+        return self._local(dim, self.input_local_layers, 4 * dim)
 
     @property
     def patch_steps(self) -> int:
         """Sequential patch-decoder steps per patch: group_size + max(delay) (11 for MiMo-Audio)."""
         return self.group_size + max(self.delays)
 
-    # --- presets (reference notes, presets.md) ---
+    # --- presets (docs/mimo_audio.md §11) ---
 
     @classmethod
     def official_7b(cls) -> MiMoAudioConfig:

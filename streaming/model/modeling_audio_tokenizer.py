@@ -1,8 +1,8 @@
 """MiMo-Audio-Tokenizer in PyTorch: 24 kHz speech -> 25 Hz frames of RVQ codes -> 24 kHz speech.
 
 Module and buffer names are the official checkpoint's key names (``encoder.*``, ``decoder.*``,
-``decoder.vocoder.*``), so ``XiaomiMiMo/MiMo-Audio-Tokenizer`` loads unchanged. Written from the facts in the
-reference notes (mimo_audio.md §1, §7, §8); what decides numerical parity with upstream:
+``decoder.vocoder.*``), so ``XiaomiMiMo/MiMo-Audio-Tokenizer`` loads unchanged. Written from the facts in
+docs/mimo_audio.md §1-§3 and §10; what decides numerical parity with upstream:
 
 * Encoder: log-mel (audio.py) -> conv stem (stride 2, 50 Hz) -> bidirectional RoPE transformer whose 3rd layer
   output is added to the last one -> LayerNorm -> k2/s2 conv down-sampling to 25 Hz -> LayerNorm -> residual VQ,
@@ -10,7 +10,7 @@ reference notes (mimo_audio.md §1, §7, §8); what decides numerical parity wit
   codebooks in float32 math; loading in bfloat16 reproduces that).
 * Audio longer than 60 s is cut into 6000-mel-frame segments encoded as ONE padded batch, like upstream: the
   shorter last segment then sees its padding through the conv stem, and its down-sampling input is padded with
-  its last frame (reference §8.5). A single segment has none of these effects.
+  its last frame (docs/mimo_audio.md §10.5). A single segment has none of these effects.
 * Decoder: RVQ sum -> ConvTranspose x2 -> GroupNorm(1, C) over the WHOLE decoded chunk -> 32 causal layers ->
   ConvTranspose x2 to a 100 Hz "mel" -> GroupNorm (statistics include the frame that is then trimmed) -> Vocos
   transformer with a [40 left, 10 right] sliding window -> ISTFT head with "same" padding: 960 samples per frame.
@@ -27,7 +27,9 @@ import json
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
+from typing import TypeVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -39,7 +41,7 @@ from .checkpoint import load_weights, pick_device, pick_dtype, resolve_checkpoin
 from .configuration_audio_tokenizer import AudioTokenizerConfig
 
 try:  # optional, CUDA only
-    from flash_attn import flash_attn_func, flash_attn_varlen_func
+    from flash_attn import flash_attn_func, flash_attn_varlen_func  # type: ignore[import-not-found]
 except ImportError:  # pragma: no cover - depends on the installation
     flash_attn_func = flash_attn_varlen_func = None
 
@@ -190,6 +192,8 @@ def _layers(config: AudioTokenizerConfig, count: int, dim: int, heads: int, ffn_
 
 # -- residual vector quantizer ----------------------------------------------------------------------------
 class Codebook(nn.Module):
+    embed: Tensor  # a buffer
+
     def __init__(self, size: int, dim: int) -> None:
         super().__init__()
         self.register_buffer("embed", torch.zeros(size, dim))
@@ -222,16 +226,19 @@ class ResidualVectorQuantizer(nn.Module):
         super().__init__()
         self.vq = ResidualVectorQuantization(sizes, dim)
 
+    def stages(self) -> list[Codebook]:
+        return [stage._codebook for stage in self.vq.layers]  # type: ignore[misc]  # ModuleList is untyped
+
     def codebook(self, index: int) -> Tensor:
-        return self.vq.layers[index]._codebook.embed
+        return self.stages()[index].embed
 
     def encode(self, x: Tensor, n_q: int) -> Tensor:
         """``[N, dim]`` -> codes ``[N, n_q]``."""
         residual = x.float()
         codes = []
-        for stage in self.vq.layers[:n_q]:
-            index = stage._codebook.nearest(residual)
-            residual = residual - stage._codebook.embed[index]
+        for stage in self.stages()[:n_q]:
+            index = stage.nearest(residual)
+            residual = residual - stage.embed[index]
             codes.append(index)
         return torch.stack(codes, dim=1)
 
@@ -244,7 +251,15 @@ class ResidualVectorQuantizer(nn.Module):
 
 
 # -- encoder ----------------------------------------------------------------------------------------------
-def stem_frames(mel_frames: int | Tensor, config: AudioTokenizerConfig) -> int | Tensor:
+Frames = TypeVar("Frames", int, Tensor)  # a frame count, or a tensor of them
+
+
+def _window(window: list[int]) -> tuple[int, int]:
+    left, right = window
+    return left, right
+
+
+def stem_frames(mel_frames: Frames, config: AudioTokenizerConfig) -> Frames:
     """Frames after the conv stem (50 Hz): conv1 then the strided conv2, both with padding 1 as upstream."""
     after_conv1 = mel_frames + 3 - config.kernel_size
     return (after_conv1 + 2 - config.kernel_size) // config.stride_size + 1
@@ -279,7 +294,7 @@ class AudioEncoder(nn.Module):
             x.device,
             lengths if bool((lengths < length).any()) else None,
             config.encoder_causal,
-            tuple(config.encoder_attn_window_size),
+            _window(config.encoder_attn_window_size),
         )
         rope = rope_cos_sin(
             length, config.d_model // config.encoder_attention_heads, config.rope_theta, x.device, x.dtype
@@ -322,6 +337,7 @@ class ISTFT(nn.Module):
     def __init__(self, n_fft: int, hop_length: int) -> None:
         super().__init__()
         self.n_fft, self.hop_length = n_fft, hop_length
+        self.window: Tensor
         self.register_buffer("window", torch.hann_window(n_fft))
 
     def _overlap_add(self, frames: Tensor) -> Tensor:
@@ -373,7 +389,7 @@ class TransformerVocos(nn.Module):
         """``[B, T100, n_mels]`` -> audio ``[B, T100 * hop]``."""
         config = self.config
         x = self.embeddings(mel)
-        mask = AttentionMask(x.shape[1], x.device, window=tuple(config.vocoder_attn_window_size))
+        mask = AttentionMask(x.shape[1], x.device, window=_window(config.vocoder_attn_window_size))
         rope = rope_cos_sin(
             x.shape[1], config.vocoder_dim // config.vocoder_attention_heads, config.rope_theta, x.device, x.dtype
         )
@@ -400,7 +416,7 @@ class AudioDecoder(nn.Module):
         config = self.config
         x = self.dconv1(hidden.to(self.layer_norm.weight.dtype))
         mask = AttentionMask(
-            x.shape[1], x.device, causal=config.decoder_causal, window=tuple(config.decoder_attn_window_size)
+            x.shape[1], x.device, causal=config.decoder_causal, window=_window(config.decoder_attn_window_size)
         )
         rope = rope_cos_sin(
             x.shape[1], config.d_model // config.decoder_attention_heads, config.rope_theta, x.device, x.dtype
@@ -470,7 +486,7 @@ class MiMoAudioTokenizer(nn.Module):
         """One chunk of summed code vectors ``[T, C]`` -> audio ``[T * 960]``; the chunk is normalised as a whole."""
         return self.decoder(hidden[None])[0]
 
-    def check_codes(self, codes: Tensor) -> Tensor:
+    def check_codes(self, codes: Tensor | np.ndarray) -> Tensor:
         """Codes as an int64 tensor on the model's device, or a ValueError saying what is wrong with them."""
         codes = torch.as_tensor(codes)
         if codes.ndim != 2 or codes.dtype.is_floating_point or codes.dtype == torch.bool:

@@ -12,7 +12,7 @@ One position:
   (channel c's frame f at step f + delay[c], one head per channel), seeded by
   ``hidden_states_downcast`` of the backbone's output.
 
-Behaviours that decide parity with the official implementation (reference notes, section 8) are
+Behaviours that decide parity with the official implementation (docs/mimo_audio.md §10) are
 kept: the 8 channel embeddings are summed in bfloat16 whatever the model's dtype, the patch encoder
 runs under SDPA with ``is_causal=False``, empty ids are masked explicitly, and text logits are only
 computed at the last position unless asked for.

@@ -1,4 +1,4 @@
-"""MiMo-Audio prompt formats, as upstream builds them (reference notes, section 3), as model positions.
+"""MiMo-Audio prompt formats, as upstream builds them (docs/mimo_audio.md §9), as model positions.
 
 A prompt is a sequence of LLM positions. A text position carries its token and every channel's empty
 id; an audio position carries ``<|empty|>`` and one 4-frame x 8-codebook patch (:class:`Positions`).
@@ -178,7 +178,7 @@ class PromptBuilder:
         return self.text("<|im_start|>system\n", VOICE_PROMPT) + self.speech(patches) + self.text("<|im_end|>\n")
 
     def user_open(self, system_prompt: str | None) -> Positions:
-        """Opens a user turn; the system prompt goes inside the first one (reference notes, section 3)."""
+        """Opens a user turn; the system prompt goes inside the first one (docs/mimo_audio.md §9)."""
         if system_prompt:
             return self.text("<|im_start|>user\n", system_prompt, "\n\n")
         return self.text("<|im_start|>user\n")

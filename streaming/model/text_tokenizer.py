@@ -15,9 +15,9 @@ from pathlib import Path
 
 from mimo_voice.configs.errors import TokenizerError
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-# SpecialTokens field -> token text (reference notes, section 2.8).
+# SpecialTokens field -> token text (docs/mimo_audio.md §8).
 SPECIAL_TOKEN_TEXT = {
     "sosp": "<|sosp|>",
     "eosp": "<|eosp|>",
@@ -46,19 +46,19 @@ class SpecialTokens:
     endoftext: int
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: PreTrainedTokenizerFast) -> SpecialTokens:
-        ids = {}
+    def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase) -> SpecialTokens:
+        ids: dict[str, int] = {}
         for field in fields(cls):
             text = SPECIAL_TOKEN_TEXT[field.name]
             token_id = tokenizer.convert_tokens_to_ids(text)
             # Unknown tokens come back as None or as the unk id, which maps to another text.
-            if token_id is None or tokenizer.convert_ids_to_tokens(token_id) != text:
+            if not isinstance(token_id, int) or tokenizer.convert_ids_to_tokens(token_id) != text:
                 raise TokenizerError(f"the text tokenizer has no {text} token; is this a MiMo-Audio tokenizer?")
             ids[field.name] = token_id
         return cls(**ids)
 
 
-def load_text_tokenizer(folder: str | Path) -> PreTrainedTokenizerFast:
+def load_text_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer saved in a checkpoint folder, read offline."""
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)

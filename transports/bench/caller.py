@@ -150,8 +150,11 @@ class AgentRecorder:
             except MediaStreamError:
                 return
             arrival = self.clock.now()
+            if not isinstance(frame, av.AudioFrame):
+                continue
             for out in self._resampler.resample(frame):
-                timestamp = float(out.pts * out.time_base) if out.pts is not None else arrival
+                known = out.pts is not None and out.time_base is not None
+                timestamp = float(out.pts * out.time_base) if known else arrival  # type: ignore[operator]
                 self.add(out.to_ndarray().reshape(-1), timestamp, arrival)
 
     def add(self, pcm: np.ndarray, timestamp: float, arrival: float) -> None:

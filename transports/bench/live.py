@@ -44,7 +44,6 @@ from mimo_voice.streaming.bench.report import (
 
 from .caller import Caller, CallResult
 from .metrics import TURN_STAGES, CallAnalysis, Totals, analyse_call, pool
-from .plot import plot_report
 from .scenario import Fixture, FixtureFactory, Scenario, ScenarioError, load_scenario, packaged_scenarios
 from .server_stats import MILESTONE_ROWS, ServerStats, server_figures
 
@@ -120,13 +119,27 @@ def main(config: Config, argv: Sequence[str]) -> int:
     figures = build_tables(report["summary"], scenario.name, args.callers)
     print_tables(figures)
     write_json(json_path, report, command=COMMAND, tables=figures)
-    plot_report(report, plot_path)
-    print(f"\nwrote {json_path} and {plot_path}")
+    if _plot(report, plot_path):
+        print(f"\nwrote {json_path} and {plot_path}")
+    else:
+        print(f"\nwrote {json_path}; no plot: matplotlib is missing (pip install 'mimo-voice[bench]')")
     _warn_about_measurement(report)
     failed = [c for c in report["calls"] if c["error"]]
     for call in failed:
         print(f"{COMMAND}: caller {call['caller']} failed: {call['error']}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _plot(report: dict[str, Any], path: Path) -> bool:
+    """The PNG, when the optional plotting dependency (the ``bench`` extra) is installed."""
+    try:
+        from .plot import plot_report
+    except ModuleNotFoundError as exc:
+        if exc.name != "matplotlib":
+            raise
+        return False
+    plot_report(report, path)
+    return True
 
 
 def _warn_about_measurement(report: dict[str, Any]) -> None:

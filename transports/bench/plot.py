@@ -85,7 +85,7 @@ def _stage_bars(axes: plt.Axes, summary: dict[str, Any]) -> None:
     for label, secs in rows:
         if secs is not None:
             axes.barh(label, secs * 1000, color="tab:gray")
-            axes.text(secs * 1000, label, f" {secs * 1000:.0f}", va="center")
+            axes.text(secs * 1000, label, f" {secs * 1000:.0f}", va="center")  # type: ignore[arg-type]  # category
             widest = max(widest, secs * 1000)
     axes.set_xlim(0, max(widest, 1.0) * 1.15)  # room for the value labels
     axes.invert_yaxis()

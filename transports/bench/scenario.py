@@ -75,6 +75,8 @@ class Step(_Model):
     @property
     def parts(self) -> list[str | float]:
         value = self.say if self.say is not None else self.wav if self.wav is not None else self.noise_secs
+        if value is None:  # no source: the validator reports it
+            return []
         return list(value) if isinstance(value, list) else [value]
 
     @property
