@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+from typing import Any
 
 import numpy as np
 from mimo_voice.configs import Config
@@ -101,7 +102,7 @@ class ForcedAudio:
         return self.script[min(len(tokens), len(self.script) - 1)]
 
 
-async def _turn(session: Session, audio: np.ndarray) -> dict[str, float]:
+async def _turn(session: Session, audio: np.ndarray) -> dict[str, Any]:
     for start in range(0, len(audio), PIECE):
         await session.feed_audio(audio[start : start + PIECE], INPUT_RATE)
     # Live audio arrives in real time and the worker keeps up; wait for it as the live path would have.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, cast
 
 from mimo_voice.configs import Config
 
@@ -23,11 +23,12 @@ def list_engines(config: Config) -> list[dict[str, Any]]:
         for actor in ray.util.list_named_actors(all_namespaces=True)
         if actor["namespace"] == config.engine.ray_namespace and actor["name"].startswith(ENGINE_PREFIX)
     )
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in names:
         handle = ray.get_actor(name, namespace=config.engine.ray_namespace)
         try:
-            rows.append({"state": "ready", **ray.get(handle.status.remote(), timeout=STATUS_TIMEOUT_SECS)})
+            status = cast(dict[str, Any], ray.get(handle.status.remote(), timeout=STATUS_TIMEOUT_SECS))
+            rows.append({"state": "ready", **status})
         except (ray.exceptions.RayError, TimeoutError) as exc:
             rows.append({"name": name, "state": f"not answering ({type(exc).__name__})"})
     return rows

@@ -79,7 +79,7 @@ def engine_handle(config: Config, name: str, *, testing: bool = False) -> Any:
     if num_gpus is None:
         num_gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 and config.model.device != "cpu" else 0
     remote = ray.remote(EngineActor)
-    return remote.options(  # type: ignore[attr-defined]
+    return remote.options(
         name=name,
         namespace=config.engine.ray_namespace,
         get_if_exists=True,
