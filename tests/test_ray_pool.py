@@ -12,6 +12,7 @@ import time
 import pytest
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # a private Ray cluster and two engines: about two minutes on two busy cores
 
 from mimo_voice.configs import load_config  # noqa: E402
 from mimo_voice.streaming.bench.engine import ForcedAudio  # noqa: E402
@@ -169,6 +170,30 @@ async def test_hung_engine_fails_its_health_check_ends_its_call_and_is_restarted
     assert time.perf_counter() - hung < 5
     assert await asyncio.to_thread(victim.ready.wait, 120)  # killed by the pool, restarted by Ray
     assert victim.restarts == restarts + 1
+    for each in leases:
+        each.release()
+
+
+async def test_a_silent_front_end_loses_its_sessions_and_others_keep_theirs(pool):
+    from mimo_voice.streaming.cluster.actor import CLIENT_TIMEOUT_SECS
+    from mimo_voice.streaming.cluster.pool import RemoteEngine
+
+    assert await asyncio.to_thread(pool.wait_ready, 2, 180)
+    member = pool.members[0]
+    handle = member.handle
+    # A second front-end that connects, opens a call, then stops touching the engine (as if it died).
+    gone = RemoteEngine(pool.config, handle, await asyncio.to_thread(ray.get, handle.connect.remote()))
+    orphan = gone.new_session()
+    await orphan.caught_up()
+    leases = [pool.lease(), pool.lease()]  # one on each engine
+    kept = next(lease for lease in leases if lease.name == member.name).new_session()
+    await kept.caught_up()
+    assert await _eventually(lambda: member.engine.channel.load["sessions"] == 2)
+
+    assert await _eventually(lambda: gone.down.is_set(), timeout=CLIENT_TIMEOUT_SECS + 5)
+    assert await _eventually(lambda: member.engine.channel.load["sessions"] == 1)
+    await kept.add_text("user", "still here?")  # this front-end's call goes on
+    await kept.close()
     for each in leases:
         each.release()
 
