@@ -300,14 +300,21 @@ class PoolMember:
         self.state = "down"
 
     def _connect(self) -> RemoteEngine | None:
-        """Waits for the actor to answer ``connect`` (it does once its model is loaded)."""
+        """Waits for the actor to answer ``connect`` (it does once its model is loaded). One request at a time,
+        polled, so that closing the pool is never held up long and a slow load leaves no extra clients behind."""
         import ray
 
+        pending = None
         while not self._stopping.is_set():
+            pending = pending or self.handle.connect.remote()
+            ready, _ = ray.wait([pending], timeout=CONNECT_POLL_SECS)
+            if not ready:
+                continue
             try:
-                info = ray.get(self.handle.connect.remote(), timeout=CONNECT_POLL_SECS)
-            except (ray.exceptions.RayError, TimeoutError) as exc:
+                info = ray.get(pending)
+            except ray.exceptions.RayError as exc:  # dead or restarting: ask the next incarnation
                 logger.debug(f"engine {self.name} not ready: {type(exc).__name__}")
+                pending = None
                 self._stopping.wait(RECONNECT_SECS)
                 continue
             engine_class = TestingRemoteEngine if info.testing else RemoteEngine
