@@ -145,6 +145,26 @@ class ToolsSection(Section):
     worker_memory_mb: int = Field(512, ge=64, description="Address space a tool worker may add after start-up.")
 
 
+class EngineSection(Section):
+    """Where the engine runs: in a worker process of this server (``local``), or as a pool of Ray actors that
+    any number of front-ends share (``ray``, needs the ``ray`` extra)."""
+
+    backend: Literal["local", "ray"] = "local"
+    ray_address: str = Field(
+        "auto", description="auto (the running cluster), local (a private one-machine cluster), or host:port."
+    )
+    ray_namespace: str = Field("mimo-voice", description="Ray namespace of the engine actors; one per deployment.")
+    ray_engines: int = Field(1, ge=1, description="Engine actors in the pool (created if missing).")
+    ray_num_gpus: float | None = Field(
+        None, ge=0, description="GPUs per engine actor; empty: 1 if the cluster has any."
+    )
+    ray_num_cpus: float = Field(1.0, ge=0, description="CPUs per engine actor (its torch threads on CPU).")
+    sessions_per_engine: int = Field(4, ge=1, description="Calls one engine takes before placement skips it.")
+    ray_health_timeout_secs: float = Field(
+        3.0, gt=0, description="An engine silent this long (it reports every second) is killed and restarted."
+    )
+
+
 class LoggingSection(Section):
     level: Literal["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -157,6 +177,7 @@ class Config(Section):
     vad: VADSection = Field(default_factory=VADSection)
     server: ServerSection = Field(default_factory=ServerSection)
     tools: ToolsSection = Field(default_factory=ToolsSection)
+    engine: EngineSection = Field(default_factory=EngineSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
 
     def sampling_for(self, task: str) -> TaskSampling:

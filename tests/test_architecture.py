@@ -21,16 +21,19 @@ ALLOWED: dict[str, set[str]] = {
     "streaming.model": {"configs.errors"},  # the one exception: the error hierarchy
     "streaming.presets": {"configs", "streaming.model"},  # trains on the model's real prompt format
     "streaming.engine": {"configs", "streaming.model", "streaming.presets"},  # loads the embedded preset
-    "streaming.bench": {"configs", "streaming.model", "streaming.engine", "streaming.presets"},
+    # Engines as Ray actors and the front-end's pool of them: the engine over another transport.
+    "streaming.cluster": {"configs", "streaming.model", "streaming.engine", "streaming.presets"},
+    "streaming.bench": {"configs", "streaming.model", "streaming.engine", "streaming.presets", "streaming.cluster"},
     "tools": {"configs", "streaming.model"},
     "agent": {"configs", "streaming.model", "streaming.engine", "tools"},
-    "transports": {"configs", "streaming.model", "streaming.engine", "tools", "agent"},
+    "transports": {"configs", "streaming.model", "streaming.engine", "streaming.cluster", "tools", "agent"},
     "transports.bench": {
         "configs",
         "streaming.model",
         "streaming.presets",
         "streaming.engine",
         "streaming.bench",
+        "streaming.cluster",
         "tools",
         "agent",
         "transports",

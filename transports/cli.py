@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "bench codec": "mimo_voice.streaming.bench.codec:main",
     "bench live": "mimo_voice.transports.bench.live:main",
     "model info": "mimo_voice.transports.cli:model_info",
+    "engines": "mimo_voice.streaming.cluster.cli:main",
 }
 
 BENCH_HELP = {
@@ -104,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     model_cmds = model.add_subparsers(dest="action", required=True, metavar="ACTION")
     info = model_cmds.add_parser("info", parents=[common], help="parameter counts per part and special tokens")
     info.add_argument("path", nargs="?", help="checkpoint folder (default: the configured model)")
+    engines = commands.add_parser(
+        "engines", parents=[common], help="the Ray engine pool (engine.ray_address): list, start or stop it"
+    )
+    engines.add_argument("action", nargs="?", choices=("list", "start", "stop"), default="list")
     return parser
 
 
@@ -130,6 +135,8 @@ def _command_argv(args: argparse.Namespace) -> tuple[str, list[str]]:
         return f"bench {args.kind}", [arg for arg in args.unknown if arg != "--"]
     if args.command == "model":
         return "model info", [args.path] if args.path else []
+    if args.command == "engines":
+        return "engines", [args.action]
     return args.command, []
 
 

@@ -188,17 +188,21 @@ def _add_page_routes(app: FastAPI, hub: SessionHub) -> None:
     async def page() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html")
 
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
+    @app.get("/health", response_model=None)
+    async def health() -> dict[str, Any] | JSONResponse:
         sessions = len(hub.sessions)
-        auth = app.state.auth_token is not None
-        return {
+        health: dict[str, Any] = {
             "status": "ok",
             "sessions": sessions,
             "max_sessions": config.server.max_sessions,
             "tiny": is_tiny,
-            "auth_required": auth,
+            "auth_required": app.state.auth_token is not None,
         }
+        if hasattr(hub.engine, "status"):  # the Ray pool: engines, ready, sessions per engine
+            pool = health["engines"] = hub.engine.status()
+            if pool["ready"] == 0:  # nothing can take a call: a load balancer should send none here
+                return JSONResponse({**health, "status": "engine_down"}, status_code=503)
+        return health
 
     @app.get("/api/info")
     async def info() -> dict[str, Any]:
@@ -216,7 +220,8 @@ def _add_page_routes(app: FastAPI, hub: SessionHub) -> None:
 
     @app.get("/metrics")
     async def prometheus() -> PlainTextResponse:
-        return PlainTextResponse(hub.metrics.render(), media_type=CONTENT_TYPE)
+        pool = "".join(hub.engine.metrics()) if hasattr(hub.engine, "metrics") else ""
+        return PlainTextResponse(hub.metrics.render() + pool, media_type=CONTENT_TYPE)
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
@@ -329,10 +334,16 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def load_engine(config: Config) -> Any:
     """The process's engine (blocking; seconds for the tiny model, minutes for 7B; the engine itself warns
-    loudly when it serves the embedded tiny model)."""
-    from mimo_voice.streaming.engine.engine import Engine
+    loudly when it serves the embedded tiny model). With ``engine.backend: ray``, the pool of engine actors
+    this front-end shares with others."""
+    if config.engine.backend == "ray":
+        from mimo_voice.streaming.cluster.pool import EnginePool
 
-    engine = Engine.load(config)
+        engine: Any = EnginePool.connect(config)
+    else:
+        from mimo_voice.streaming.engine.engine import Engine
+
+        engine = Engine.load(config)
     if not engine.is_tiny:
         logger.info(f"loaded {config.model.path}")
     return engine

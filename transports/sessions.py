@@ -145,6 +145,7 @@ class Session:
     started: float = field(default_factory=time.monotonic)
     pc_ids: set[str] = field(default_factory=set)  # WebRTC connection ids answered for this session
     running: bool = False
+    lease: Any = None  # with the Ray backend: the call's place on one engine (streaming.cluster.pool.EngineLease)
 
 
 class SessionHub:
@@ -162,6 +163,8 @@ class SessionHub:
         return len(self.sessions) >= self.config.server.max_sessions
 
     def busy_message(self) -> str:
+        if not self.is_full and hasattr(self.engine, "busy_message"):  # a pool of engines said no
+            return str(self.engine.busy_message())
         limit = self.config.server.max_sessions
         return f"the server is busy: all {limit} session slot{'s' * (limit != 1)} are in use, try again later"
 
@@ -189,7 +192,12 @@ class SessionHub:
         limit = self.config.server.max_sessions_per_client
         if client is not None and sum(s.client == client for s in self.sessions.values()) >= limit:
             raise self._refuse(429, "client_limit", f"this address already has {limit} call(s) in progress")
-        session = Session(transport_name, client)
+        lease = None
+        if hasattr(self.engine, "lease"):  # an engine pool: the call is placed now, on one engine for its lifetime
+            lease = self.engine.lease()
+            if lease is None:
+                raise self._refuse(503, "engines_full", self.busy_message())
+        session = Session(transport_name, client, lease=lease)
         self.sessions[session.id] = session
         self.metrics.sessions_active.inc(transport_name)
         self.metrics.sessions_total.inc(transport_name)
@@ -197,6 +205,8 @@ class SessionHub:
 
     def release(self, session: Session) -> None:
         if self.sessions.pop(session.id, None) is not None:
+            if session.lease is not None:
+                session.lease.release()
             self.metrics.sessions_active.dec(session.transport_name)
             lasted = time.monotonic() - session.started
             logger.info(f"session {session.id} ({session.transport_name}) ended after {lasted:.1f} s")
@@ -237,7 +247,7 @@ class SessionHub:
             this.add_done_callback(self._tasks.discard)
         ctx = BotContext(
             self.config,
-            self.engine,
+            session.lease or self.engine,
             self.tools,
             session.transport_name,
             TurnMetricsObserver(self.metrics, session.transport_name),
@@ -245,13 +255,15 @@ class SessionHub:
         )
         hang_up = _once(hang_up)
         bot: asyncio.Task[None] = asyncio.create_task(self.run_bot(transport, ctx), name=f"bot-{session.id}")
+        engine_lost = asyncio.create_task(_engine_lost(session.lease))
         try:
-            ending = await self._watch(session, ctx, bot)
+            ending = await self._watch(session, ctx, bot, engine_lost)
             if ending is not None and not bot.done():
                 await self._end_call(session, ctx, bot, hang_up, ending)
         finally:
-            bot.cancel()
-            await asyncio.gather(bot, return_exceptions=True)
+            for task in (bot, engine_lost):
+                task.cancel()
+            await asyncio.gather(bot, engine_lost, return_exceptions=True)
             if not bot.cancelled() and bot.exception() is not None:
                 logger.opt(exception=bot.exception()).error(f"session {session.id}: the bot failed")
             try:
@@ -259,8 +271,11 @@ class SessionHub:
             finally:
                 self.release(session)
 
-    async def _watch(self, session: Session, ctx: BotContext, bot: asyncio.Task[None]) -> str | None:
-        """Wait for the bot to end (None) or for a reason to end the call: "vanished", "idle" or "overtime"."""
+    async def _watch(
+        self, session: Session, ctx: BotContext, bot: asyncio.Task[None], engine_lost: asyncio.Task[str]
+    ) -> str | None:
+        """Wait for the bot to end (None) or for a reason to end the call: "vanished", "idle", "overtime" or
+        "engine_lost" (the Ray engine the call was placed on died)."""
         server = self.config.server
         period = min(0.25, server.disconnect_timeout_secs / 4, server.idle_timeout_secs / 4)
         while not bot.done():
@@ -270,7 +285,10 @@ class SessionHub:
                 return "idle"
             if time.monotonic() - session.started >= server.max_call_secs:
                 return "overtime"
-            await asyncio.wait({bot}, timeout=period)
+            if engine_lost.done():
+                logger.error(f"session {session.id}: {engine_lost.result()}, hanging up")
+                return "engine_lost"
+            await asyncio.wait({bot, engine_lost}, timeout=period, return_when=asyncio.FIRST_COMPLETED)
         return None
 
     async def _end_call(
@@ -281,7 +299,9 @@ class SessionHub:
         hang_up: Callable[[], Awaitable[None]],
         reason: str,
     ) -> None:
-        if reason == "vanished":
+        if reason == "engine_lost":
+            pass  # logged by _watch; nothing to say goodbye with
+        elif reason == "vanished":
             logger.warning(f"session {session.id}: no audio from the client for {ctx.activity.silent_for():.1f} s")
         else:
             logger.info(f"session {session.id}: ending the call ({reason})")
@@ -297,6 +317,13 @@ class SessionHub:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def _engine_lost(lease: Any) -> str:
+    """Returns (why) when the engine a call was placed on dies; never for the local engine."""
+    if lease is None:
+        await asyncio.get_running_loop().create_future()  # waits until cancelled
+    return str(await lease.wait_closed())
 
 
 def _once(action: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:

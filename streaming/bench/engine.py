@@ -12,7 +12,11 @@ Reported, with p50/p90 over runs (and turns where it applies):
   RTF = that time / 160 ms of audio;
 - end of turn -> the rest of the user's turn encoded and fed (the part not done while they talked), -> first
   audio patch and -> first PCM chunk, at turn 1 and at the last turn. History is never re-prefilled, so the
-  last turn must stay within 1.2x of the first (the command fails otherwise).
+  last turn must stay within 1.2x of the first (the command fails otherwise);
+- worker -> session: from an audio patch's making in the engine to its arrival in the session's event loop
+  (``perf_counter`` is one clock for every process of a machine). ``--backend ray`` runs the same conversations
+  on the local pipe and then on an engine actor (``engine.ray_address``; ``local`` starts a private cluster),
+  and prints what the Ray hop adds per audio group.
 
 The official implementation's figures on a 2-core CPU (docs/mimo_audio.md §11) are printed alongside; they vary up to
 1.5x between runs on the same idle machine, so compare ratios measured side by side, not absolute values.
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+from typing import Any
 
 import numpy as np
 from mimo_voice.configs import Config
@@ -35,6 +40,8 @@ from .report import ProgressBar, Table, add_json_argument, print_tables, summari
 INPUT_RATE = 16_000
 PIECE = INPUT_RATE // 50  # 20 ms, as WebRTC delivers it
 MAX_TURN_RATIO = 1.2
+HOP_COLUMNS = ["local pipe", "ray", "added"]
+BENCH_ENGINE = "mimo-bench-engine"
 # docs/mimo_audio.md §11: the official implementation, 2-core CPU, fp32, greedy, audio forced (medians of 5 runs).
 OFFICIAL = {
     "tiny": {
@@ -66,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--turns", type=int, default=20, help="turns per conversation (default: 20)")
     parser.add_argument("--patches", type=int, default=20, help="audio patches per reply (default: 20 = 3.2 s)")
     parser.add_argument("--user-secs", type=float, default=1.5, help="user speech per turn (default: 1.5 s)")
+    parser.add_argument(
+        "--backend",
+        choices=("local", "ray"),
+        default="local",
+        help="ray: also on an engine actor, with the Ray hop's cost next to the local pipe's (default: local)",
+    )
     add_json_argument(parser)
     return parser
 
@@ -89,7 +102,7 @@ class ForcedAudio:
         return self.script[min(len(tokens), len(self.script) - 1)]
 
 
-async def _turn(session: Session, audio: np.ndarray) -> dict[str, float]:
+async def _turn(session: Session, audio: np.ndarray) -> dict[str, Any]:
     for start in range(0, len(audio), PIECE):
         await session.feed_audio(audio[start : start + PIECE], INPUT_RATE)
     # Live audio arrives in real time and the worker keeps up; wait for it as the live path would have.
@@ -97,7 +110,10 @@ async def _turn(session: Session, audio: np.ndarray) -> dict[str, float]:
     started = time.perf_counter()
     first_patch = first_pcm = None
     end = None
+    deliveries = []
     async for event in session.respond():
+        if isinstance(event, AudioPatch):
+            deliveries.append(1000 * (time.perf_counter() - event.time))
         if isinstance(event, AudioPatch) and first_patch is None:
             first_patch = event.time - started
         elif isinstance(event, AudioChunk) and first_pcm is None:
@@ -116,6 +132,7 @@ async def _turn(session: Session, audio: np.ndarray) -> dict[str, float]:
         "first_pcm_s": first_pcm,
         "step_ms": steps,
         "group_ms": steps - end.timings["ms_pcm_per_patch"],
+        "delivery_ms": deliveries,
     }
 
 
@@ -130,6 +147,36 @@ async def _conversation(engine: Engine, args: argparse.Namespace, run: int, prog
         return turns
     finally:
         await session.close()
+
+
+async def _measure_on_ray(config: Config, args: argparse.Namespace) -> list[list[dict]]:
+    """The same conversations on one engine actor of the Ray pool."""
+    from mimo_voice.streaming.cluster.pool import EnginePool
+
+    # Its own engine actor, made to take text hooks, next to (not in) the deployment's pool; removed after.
+    pool = await asyncio.to_thread(EnginePool.connect, config, names=[BENCH_ENGINE], testing=True)
+    lease = pool.lease()
+    if lease is None:
+        raise RuntimeError(pool.busy_message())
+    try:
+        return await _measure(lease.engine, args)  # type: ignore[arg-type]  # a TestingRemoteEngine
+    finally:
+        lease.release()
+        await pool.aclose()
+        pool.kill()
+
+
+def _hop_table(local: dict, ray: dict) -> Table:
+    """What the Ray hop adds to the local pipe, per audio group (p50 and p90)."""
+    table = Table("bench engine: the Ray hop (target: <= 2 ms added per audio group, p50)", ["metric", *HOP_COLUMNS])
+    for label, key in (
+        ("worker -> session, per audio patch (ms)", "delivery_ms"),
+        ("per audio group, with streaming decode (ms)", "group_with_decode_ms"),
+    ):
+        for q in ("p50", "p90"):
+            pipe, hop = local["metrics"][key][q], ray["metrics"][key][q]
+            table.add_row(f"{label}, {q}", pipe, hop, hop - pipe)
+    return table
 
 
 async def _measure(engine: Engine, args: argparse.Namespace) -> list[list[dict]]:
@@ -157,6 +204,7 @@ def _tables(runs: list[list[dict]], preset: str | None, describe: str) -> tuple[
         "first_pcm_turn1_s": summarize(t["first_pcm_s"] for t in first),
         "first_pcm_last_turn_s": summarize(t["first_pcm_s"] for t in last),
         "last_turn_over_turn1": summarize(ratio),
+        "delivery_ms": summarize(ms for t in every for ms in t["delivery_ms"]),
     }
     turns = len(runs[0])
     rows = [
@@ -174,6 +222,7 @@ def _tables(runs: list[list[dict]], preset: str | None, describe: str) -> tuple[
         ("end of turn -> first PCM, turn 1 (s)", "first_pcm_turn1_s", official.get("first_pcm_s")),
         (f"end of turn -> first PCM, turn {turns} (s)", "first_pcm_last_turn_s", None),
         (f"first PCM, turn {turns} / turn 1 (must be <= {MAX_TURN_RATIO})", "last_turn_over_turn1", None),
+        ("worker -> session, per audio patch (ms)", "delivery_ms", None),
     ]
     table = Table(f"bench engine: {describe}", ["metric", "p50", "p90", "official"])
     for label, key, reference in rows:
@@ -198,6 +247,10 @@ def main(config: Config, argv: list[str]) -> int:
     )
     runs = asyncio.run(_measure(engine, args))
     tables, payload = _tables(runs, preset, describe)
+    if args.backend == "ray":
+        ray_tables, ray_payload = _tables(asyncio.run(_measure_on_ray(config, args)), preset, f"{describe}, on Ray")
+        tables += [*ray_tables, _hop_table(payload, ray_payload)]
+        payload = {**payload, "ray": ray_payload}
     print_tables(tables)
     if args.json:
         write_json(args.json, payload, command="bench engine", tables=tables)
