@@ -2,21 +2,20 @@
 
 import pytest
 import torch
-from mimo_voice.configs.schema import SamplerParams
 from mimo_voice.streaming.model.configuration_mimo_audio import MiMoAudioConfig
 from mimo_voice.streaming.model.fast import FastMiMoAudio, StepOutput, _Head
 from mimo_voice.streaming.model.fast_sampling import RowSampling, filtered, sample_rows
 from mimo_voice.streaming.model.kv_pool import KVPool
 from mimo_voice.streaming.model.modeling_mimo_audio import MiMoAudioForCausalLM
 from mimo_voice.streaming.model.profiling import count_call
-from mimo_voice.streaming.model.sampling import Sampler
+from mimo_voice.streaming.model.sampling import Sampler, SamplingParams
 from test_mimo_model import SPECIAL, mixed_positions
 
 pytestmark = pytest.mark.unit
 
-GREEDY = SamplerParams(do_sample=False)
-AUDIO = SamplerParams(temperature=0.9, top_k=50, top_p=0.95)
-NUCLEUS = SamplerParams(temperature=0.9, top_p=0.95)
+GREEDY = SamplingParams(do_sample=False)
+AUDIO = SamplingParams(temperature=0.9, top_k=50, top_p=0.95)
+NUCLEUS = SamplingParams(temperature=0.9, top_p=0.95)
 TOL = 1e-4
 
 
@@ -207,7 +206,7 @@ def test_patch_decoder_samples_valid_codes_and_greedy_rows_stay_greedy(tiny):
     assert torch.equal(mixed[1::2], greedy)
 
 
-def _reference_survivors(logits: torch.Tensor, params: SamplerParams, banned: list[int]) -> list[set[int]]:
+def _reference_survivors(logits: torch.Tensor, params: SamplingParams, banned: list[int]) -> list[set[int]]:
     sampler = Sampler(params)
     values, ids = sampler.candidates(logits.float() / params.temperature)
     keep = []
@@ -220,10 +219,10 @@ def _reference_survivors(logits: torch.Tensor, params: SamplerParams, banned: li
 @pytest.mark.parametrize(
     "params",
     [
-        SamplerParams(temperature=0.7, top_k=20),
-        SamplerParams(temperature=0.6, top_p=0.8),
-        SamplerParams(temperature=0.9, top_k=50, top_p=0.9),
-        SamplerParams(temperature=1.3),
+        SamplingParams(temperature=0.7, top_k=20),
+        SamplingParams(temperature=0.6, top_p=0.8),
+        SamplingParams(temperature=0.9, top_k=50, top_p=0.9),
+        SamplingParams(temperature=1.3),
     ],
 )
 @pytest.mark.parametrize("vocab", [1025, 151680])
@@ -251,7 +250,7 @@ def test_sync_free_sampler_greedy_and_fully_banned_rows_fall_back_to_the_best_al
     greedy = RowSampling.build(GREEDY, 2, "cpu")
     assert sample_rows(logits, greedy, ban).tolist() == Sampler(GREEDY).sample_masked(logits, ban).tolist() == [3, 3]
     # top-k 1 keeps only the best token; where it is banned, the best allowed one is drawn instead.
-    top1 = RowSampling.build(SamplerParams(top_k=1), 2, "cpu")
+    top1 = RowSampling.build(SamplingParams(top_k=1), 2, "cpu")
     assert sample_rows(logits, top1, ban, torch.Generator().manual_seed(0)).tolist() == [3, 3]
 
 

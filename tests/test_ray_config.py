@@ -9,6 +9,7 @@ import httpx
 import pytest
 from mimo_voice.configs import load_config
 from mimo_voice.transports.server import create_app
+from mimo_voice.transports.sessions import Refused
 
 
 class DownPool:
@@ -41,7 +42,9 @@ async def test_health_is_503_while_no_engine_of_the_pool_is_ready():
     assert health.status_code == 503
     assert health.json()["status"] == "engine_down" and health.json()["engines"]["ready"] == 0
     assert 'mimo_voice_engine_ready{engine="mimo-engine-0"} 0' in metrics
-    assert app.state.hub.reserve("webrtc") is None
+    with pytest.raises(Refused) as refused:
+        app.state.hub.reserve("webrtc", client=None)
+    assert refused.value.status == 503
     assert app.state.hub.busy_message().startswith("every engine is full or down (0/2 ready)")
     assert app.state.hub.metrics.sessions_refused.value("engines_full") == 1
 

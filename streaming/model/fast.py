@@ -30,7 +30,6 @@ from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
-from mimo_voice.configs.schema import SamplerParams
 from torch import Tensor
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2Model
 
@@ -38,12 +37,13 @@ from .configuration_mimo_audio import ConfigError
 from .fast_sampling import RowSampling, best_allowed, sample_rows
 from .kv_pool import KVPool
 from .modeling_mimo_audio import MiMoAudioForCausalLM
+from .sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 Compile = Literal["auto", "on", "off"]
 HeadPrecision = Literal["auto", "model", "bf16", "int8"]  # the lm_head's weights (see _Head)
-PatchSampling = RowSampling | SamplerParams
+PatchSampling = RowSampling | SamplingParams
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 

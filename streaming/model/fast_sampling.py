@@ -22,8 +22,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from mimo_voice.configs.schema import SamplerParams
 from torch import Tensor
+
+from .sampling import SamplingParams
 
 FULL_SORT_BELOW = 4096
 TIE_SLACK = 8
@@ -49,10 +50,10 @@ class RowSampling:
 
     @classmethod
     def build(
-        cls, params: SamplerParams | Sequence[SamplerParams], batch: int, device: torch.device | str
+        cls, params: SamplingParams | Sequence[SamplingParams], batch: int, device: torch.device | str
     ) -> RowSampling:
-        """One shared ``SamplerParams`` for all ``batch`` rows, or one per row."""
-        rows = [params] * batch if isinstance(params, SamplerParams) else list(params)
+        """One shared ``SamplingParams`` for all ``batch`` rows, or one per row."""
+        rows = [params] * batch if isinstance(params, SamplingParams) else list(params)
         if len(rows) != batch:
             raise ValueError(f"{len(rows)} sampler params for {batch} rows")
         sampled = [p for p in rows if p.do_sample]
@@ -77,7 +78,7 @@ class RowSampling:
     def generic(cls, batch: int, device: torch.device | str) -> RowSampling:
         """Flags that serve every parameter value (a full sort, greedy decided per row): what a
         captured CUDA graph runs; the tensors are meant to be overwritten in place before each replay."""
-        base = cls.build(SamplerParams(do_sample=False), batch, device)
+        base = cls.build(SamplingParams(do_sample=False), batch, device)
         return cls(base.temperature, base.top_k, base.top_p, base.greedy, "mixed", None, True, True)
 
     def copy_rows_(self, other: RowSampling) -> None:
