@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class Section(BaseModel):
@@ -27,9 +27,17 @@ class ModelSection(Section):
         None, description="MiMo-Audio-Tokenizer checkpoint folder or Hugging Face repo id."
     )
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bfloat16 on CUDA, float32 on CPU")
     seed: int = 0
     cache_dir: str | None = Field(None, description="Where generated tiny checkpoints are cached.")
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _refuse_float16(cls, value: object) -> object:
+        if value == "float16":
+            # The weights are bf16; fp16's narrower range overflows in the activations, and nothing guards it.
+            raise ValueError("float16 is not supported: MiMo-Audio is a bfloat16 model; use bfloat16 or float32")
+        return value
 
 
 class SamplerParams(Section):
@@ -88,6 +96,17 @@ class StreamingSection(Section):
     context_headroom_positions: int = Field(512, ge=0)
 
 
+class EngineSection(Section):
+    """The engine's worker process: CPU threads and the fast step's compilation."""
+
+    threads: int = Field(
+        0, ge=0, description="torch threads of the worker; 0: all cores but one on CPU, 2 on CUDA (it only launches)."
+    )
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="Compile the fast step (CUDA graphs): auto = on CUDA only; done at load, never mid-call."
+    )
+
+
 class VADSection(Section):
     analyzer: Literal["webrtcvad", "silero"] = "webrtcvad"
     aggressiveness: int = Field(2, ge=0, le=3)
@@ -122,6 +141,7 @@ class Config(Section):
     sampling: dict[str, TaskSampling] = Field(default_factory=default_sampling)
     agent: AgentSection = Field(default_factory=AgentSection)
     streaming: StreamingSection = Field(default_factory=StreamingSection)
+    engine: EngineSection = Field(default_factory=EngineSection)
     vad: VADSection = Field(default_factory=VADSection)
     server: ServerSection = Field(default_factory=ServerSection)
     tools: ToolsSection = Field(default_factory=ToolsSection)

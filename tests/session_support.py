@@ -107,7 +107,7 @@ def record_length(conversation) -> int:
 
 
 def cache_length(conversation) -> int:
-    return conversation.cache.length
+    return conversation.cached
 
 
 def segment_kinds(conversation) -> list[str]:
@@ -115,7 +115,7 @@ def segment_kinds(conversation) -> list[str]:
 
 
 def cache_tensors(conversation) -> list:
-    return [(layer.keys.clone(), layer.values.clone()) for layer in conversation.cache.dynamic.layers]
+    return [(keys.clone(), values.clone()) for keys, values in conversation.pool.layer_kv(conversation.slot)]
 
 
 def one_prefill(conversation, positions):
@@ -188,13 +188,13 @@ def first_logits(conversation) -> list[tuple[torch.Tensor, int]]:
 
 def context_report(conversation) -> dict:
     """What context management kept: counts per kind, and the last logits next to a one-go prefill's."""
-    context, cache = conversation.context, conversation.cache
+    context, cached = conversation.context, conversation.cached
     users = list(dict.fromkeys(e.segment for e in context.entries if e.segment.kind == "user"))
-    last_logits, _ = one_prefill(conversation, context.positions(0, cache.length))
+    last_logits, _ = one_prefill(conversation, context.positions(0, cached))
     return {
         "compactions": conversation.compactions,
         "length": len(context),
-        "cache_length": cache.length,
+        "cache_length": cached,
         "assistant_text": sum(e.segment.kind == "assistant" and e.codes is None for e in context.entries),
         "user_audio": [len(context.audio_indices(segment)) for segment in users],
         "last_logits": conversation.last_output.text_logits.clone(),

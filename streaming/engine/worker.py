@@ -26,6 +26,7 @@ worker -> main: results, ``("event", session_id, response_id, event)``, ``("hist
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import sys
@@ -44,8 +45,10 @@ from mimo_voice.streaming.model.modeling_mimo_audio import load_mimo_audio
 
 from .conversation import Conversation
 from .events import Event
+from .fast_reference import FastMiMoAudio, KVPool
 from .generation import Generation
 from .prompts import PromptBuilder, frames_to_patches
+from .scheduler import StepScheduler
 
 SESSION_METHODS = {
     "feed_audio",
@@ -105,6 +108,11 @@ class Worker:
             with torch.inference_mode():
                 frames = self.codec.encode(torch.from_numpy(voice_prompt).to(device)).cpu()
             self.voice_patches = frames_to_patches(frames, self.model.config.group_size)
+        self.pool = KVPool(self.model)
+        self.fast = FastMiMoAudio(self.model, self.pool)
+        config_ = self.model.config
+        empty_codes = torch.tensor(config_.speech_empty_ids, device=device).expand(config_.group_size, -1)
+        self.scheduler = StepScheduler(self.fast, config_.vocab_size, empty_codes.contiguous(), self.special.empty)
         self.conversations: dict[int, Conversation] = {}
         self.active: list[Generation] = []
 
@@ -158,14 +166,8 @@ class Worker:
         return value
 
     def _step_all(self) -> None:
-        """One position for every active response: the place where a batched step would go."""
-        for generation in self.active:
-            if not generation.done:
-                try:
-                    generation.step()
-                except Exception as exc:
-                    logger.exception("generation step failed")
-                    generation.finish("error", error=f"{type(exc).__name__}: {exc}")
+        """One position for every active response, as one batch (:mod:`.scheduler`)."""
+        self.scheduler.step(self.active)
         self.active = [generation for generation in self.active if not generation.done]
 
     def _shutdown(self) -> None:
@@ -185,10 +187,21 @@ def _portable(exc: Exception) -> Exception:
 
 def _setup(config: Config) -> None:
     setup_logging(config.logging.level)
-    if pick_device(config.model.device).type == "cpu":
-        # Leave a core to the main process (event loop, transport, VAD). Batch-1 ops of the small presets gain
-        # nothing from more threads and, on a busy machine, lose a lot to threads spinning at barriers.
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - 1))
+    device = pick_device(config.model.device)
+    if device.type == "cuda":
+        # `cuda:N`: that device becomes the process's default, for every allocation and kernel launch.
+        torch.cuda.set_device(device)
+    torch.set_num_threads(engine_threads(config, device))
+
+
+def engine_threads(config: Config, device: torch.device) -> int:
+    """``engine.threads``, or by default: on CUDA two (the process only launches kernels); on CPU every core but
+    one, left to the main process (event loop, transport, VAD). Batch-1 ops of the small presets gain nothing
+    from more threads and, on a busy machine, lose a lot to threads spinning at barriers."""
+    if config.engine.threads:
+        return config.engine.threads
+    cores = len(os.sched_getaffinity(0))
+    return min(2, cores) if device.type == "cuda" else max(1, cores - 1)
 
 
 def serve(fd: int) -> None:
@@ -205,7 +218,5 @@ def serve(fd: int) -> None:
         return
     logger.debug(f"engine worker ready in {time.perf_counter() - began:.1f} s")
     connection.send(("ready",))
-    try:
+    with contextlib.suppress(EOFError, BrokenPipeError, KeyboardInterrupt):  # the main process went away
         worker.run()
-    except (EOFError, BrokenPipeError, KeyboardInterrupt):  # the main process went away
-        pass
