@@ -106,6 +106,12 @@ class EngineSection(Section):
         "auto", description="Compile the fast step (CUDA graphs): auto = on CUDA only; done at load, never mid-call."
     )
 
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: object) -> object:
+        # YAML 1.1 reads a bare on/off as a boolean.
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
 
 class VADSection(Section):
     analyzer: Literal["webrtcvad", "silero"] = "webrtcvad"

@@ -59,7 +59,7 @@ def test_wrong_type_names_key_and_file(tmp_path: Path):
 def test_out_of_range_value_is_rejected(tmp_path: Path):
     path = tmp_path / "bad.yaml"
     path.write_text("vad:\n  frame_ms: 25\n")
-    with pytest.raises(ConfigError, match="vad.frame_ms"):
+    with pytest.raises(ConfigError, match=r"vad\.frame_ms"):
         load_config(path)
 
 
@@ -87,7 +87,20 @@ def test_overrides_set_any_field():
 
 
 def test_bad_override_names_the_key():
-    with pytest.raises(ConfigError, match="agent.mode"):
+    with pytest.raises(ConfigError, match=r"agent\.mode"):
         load_config(None, ["agent.mode=sleepy"])
     with pytest.raises(ConfigError, match="not of the form"):
         load_config(None, ["agent.mode"])
+
+
+def test_float16_is_refused_with_the_reason():
+    with pytest.raises(ConfigError, match=r"float16 is not supported.*bfloat16"):
+        load_config(None, ["model.dtype=float16"])
+    assert load_config(None, ["model.dtype=bfloat16"]).model.dtype == "bfloat16"
+
+
+def test_engine_section_threads_and_compile():
+    config = load_config(None, ["engine.threads=1", "engine.compile=off"])
+    assert config.engine.threads == 1 and config.engine.compile == "off"
+    with pytest.raises(ConfigError, match=r"engine\.compile"):
+        load_config(None, ["engine.compile=sometimes"])
