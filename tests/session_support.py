@@ -6,8 +6,18 @@ import contextlib
 
 import numpy as np
 import torch
+from mimo_voice.configs import Config, load_config
 from mimo_voice.streaming.engine.engine import Engine
 from mimo_voice.streaming.engine.events import AudioChunk, AudioPatch, Event, TextToken, TurnEnd
+
+# The suite's engines run on the CPU in float32 whatever the host has: `auto` would pick CUDA and bfloat16 on a GPU
+# host, outside the fp32 tolerances the tests assert. CUDA is tested on purpose, by the tests marked `cuda`.
+CPU_FP32 = ["model.device=cpu", "model.dtype=float32"]
+
+
+def cpu_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """``load_config`` pinned to CPU/float32."""
+    return load_config(path, [*CPU_FP32, *(overrides or [])])
 
 
 class Script:

@@ -12,7 +12,6 @@ import wave
 import numpy as np
 import pytest
 import torch
-from mimo_voice.configs import load_config
 from mimo_voice.streaming.engine.engine import Engine, EngineClosed, read_voice_prompt
 from mimo_voice.streaming.engine.events import AudioPatch
 from mimo_voice.streaming.model.checkpoint import CheckpointError
@@ -23,6 +22,7 @@ from session_support import (
     Script,
     break_feeding,
     collect,
+    cpu_config,
     end_of,
     generating,
     mend_feeding,
@@ -75,7 +75,7 @@ async def test_sessions_share_the_engine_step_by_step_without_sharing_state(tiny
 @pytest.fixture
 def own_engine():
     """An engine (worker process) of its own, for tests that stop or break it."""
-    engine = Engine.load(load_config(None))
+    engine = Engine.load(cpu_config(None))
     yield engine
     asyncio.run(engine.aclose())
 
@@ -132,7 +132,7 @@ async def test_a_voice_prompt_opens_every_conversation(tmp_path):
         wav.writeframes(np.repeat(voice(1.0), 2).tobytes())
     prompt = read_voice_prompt(path)
     assert prompt.dtype == np.float32 and abs(len(prompt) - 24_000) <= 1
-    engine = Engine.load(load_config(None, [f"agent.voice_prompt_wav={path}"]))
+    engine = Engine.load(cpu_config(None, [f"agent.voice_prompt_wav={path}"]))
     try:
         async with opened(engine) as session:
             voice_part = await session.inspect(voice_prompt_part)
@@ -156,8 +156,8 @@ def test_a_checkpoint_that_does_not_load_is_a_clear_error(tmp_path):
     config = json.loads((broken / "config.json").read_text())
     config["local_layers"] += 1  # the model now wants a patch-decoder layer the checkpoint lacks
     (broken / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="missing key 'local_transformer.layers"):
-        Engine.load(load_config(None, [f"model.path={broken}", f"model.tokenizer_path={codec}"]))
+    with pytest.raises(CheckpointError, match=r"missing key 'local_transformer\.layers"):
+        Engine.load(cpu_config(None, [f"model.path={broken}", f"model.tokenizer_path={codec}"]))
 
 
 def test_the_embedded_preset_is_built_once_across_processes_and_threads(tmp_path, monkeypatch):

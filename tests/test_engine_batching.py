@@ -13,13 +13,12 @@ import time
 import numpy as np
 import pytest
 import torch
-from mimo_voice.configs import load_config
 from mimo_voice.configs.schema import SamplerParams, TaskSampling
 from mimo_voice.streaming.bench.ops import checkpoint_paths
 from mimo_voice.streaming.engine.conversation import Conversation
 from mimo_voice.streaming.engine.events import AudioPatch, TurnEnd
 from mimo_voice.streaming.engine.worker import Worker
-from session_support import voice
+from session_support import cpu_config, voice
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -47,8 +46,7 @@ class EndAfter:
 
 @pytest.fixture(scope="module")
 def worker():
-    config = load_config(None)
-    config.model.device, config.model.dtype = "cpu", "float32"
+    config = cpu_config(None)
     greedy = SamplerParams(do_sample=False)
     config.sampling["spoken_dialogue"] = TaskSampling(text=greedy, audio=greedy)
     llm_path, codec_path = checkpoint_paths(config)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from mimo_voice.configs import load_config
 from mimo_voice.streaming.bench import engine as bench
+from session_support import cpu_config
 
 
 def test_bench_engine_prints_a_table_and_writes_json(tmp_path, capsys):
     target = tmp_path / "engine.json"
     code = bench.main(
-        load_config(None),
+        cpu_config(None),
         ["--runs", "2", "--turns", "2", "--patches", "4", "--user-secs", "0.5", "--json", str(target)],
     )
     assert code == 0
@@ -29,7 +29,7 @@ def test_bench_engine_prints_a_table_and_writes_json(tmp_path, capsys):
 def test_bench_engine_sessions_threads_and_op_profile(tmp_path, capsys):
     target = tmp_path / "engine.json"
     argv = ["--runs", "1", "--turns", "1", "--patches", "3", "--user-secs", "0.5", "--threads", "1"]
-    code = bench.main(load_config(None), [*argv, "--sessions", "1,2", "--profile-ops", "--json", str(target)])
+    code = bench.main(cpu_config(None), [*argv, "--sessions", "1,2", "--profile-ops", "--json", str(target)])
     assert code == 0
     table = capsys.readouterr().out
     assert "sessions replying at once" in table and "ATen ops per audio group" in table and "1 threads" in table
@@ -65,9 +65,9 @@ def test_op_counter_counts_host_reads_by_part():
 
 
 def test_bench_engine_rejects_bad_arguments(capsys):
-    assert bench.main(load_config(None), ["--runs", "0"]) == 2
-    assert bench.main(load_config(None), ["--threads", "0"]) == 2
+    assert bench.main(cpu_config(None), ["--runs", "0"]) == 2
+    assert bench.main(cpu_config(None), ["--threads", "0"]) == 2
     assert "must be positive" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_:
-        bench.main(load_config(None), ["--sessions", "1,x"])
+        bench.main(cpu_config(None), ["--sessions", "1,x"])
     assert exit_.value.code == 2 and "session counts" in capsys.readouterr().err
