@@ -19,8 +19,10 @@ class Section(BaseModel):
 class ModelSection(Section):
     """Which weights to run, and where."""
 
-    preset: Literal["tiny", "small"] = Field(
-        "tiny", description="Embedded random/briefly-trained model used when `path` is empty. It babbles."
+    preset: Literal["tiny", "small", "real7b"] = Field(
+        "tiny",
+        description="Embedded random/briefly-trained model used when `path` is empty. It babbles. real7b: the real "
+        "7B shapes with random weights drawn on the device (for GPU checks; no download).",
     )
     path: str | None = Field(None, description="MiMo-Audio-7B checkpoint folder or Hugging Face repo id.")
     tokenizer_path: str | None = Field(

@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mimo-voice bench engine", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--preset",
-        choices=("tiny", "small"),
+        choices=("tiny", "small", "real7b"),
         help="embedded preset (default: model.preset); ignored when model.path is set",
     )
     parser.add_argument("--device", help="cpu, cuda, cuda:N (default: model.device)")

@@ -42,6 +42,7 @@ from mimo_voice.configs.logging import setup_logging
 from mimo_voice.streaming.model.checkpoint import pick_device, pick_dtype
 from mimo_voice.streaming.model.modeling_audio_tokenizer import load_audio_tokenizer
 from mimo_voice.streaming.model.modeling_mimo_audio import load_mimo_audio
+from mimo_voice.streaming.presets.real7b import random_on_device
 
 from .conversation import Conversation
 from .events import Event
@@ -98,7 +99,10 @@ class Worker:
         self.connection = connection
         device = pick_device(config.model.device)
         dtype = pick_dtype(config.model.dtype, device)
-        self.model, self.tokenizer, self.special = load_mimo_audio(llm_path, device=device, dtype=dtype)
+        if config.model.path is None and config.model.preset == "real7b":
+            self.model, self.tokenizer, self.special = random_on_device(llm_path, device, dtype, config.model.seed)
+        else:
+            self.model, self.tokenizer, self.special = load_mimo_audio(llm_path, device=device, dtype=dtype)
         self.codec = load_audio_tokenizer(codec_path, device=device, dtype=dtype)
         self.builder = PromptBuilder(
             self.tokenizer, self.special, self.model.config.speech_empty_ids, self.model.config.group_size
