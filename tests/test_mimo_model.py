@@ -1,5 +1,6 @@
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -238,6 +239,22 @@ def test_incremental_decoding_equals_a_full_forward(tiny):
     assert torch.allclose(steps[-1].local_in, full.local_in, atol=1e-5, rtol=0)
 
 
+def test_the_cache_is_passed_under_transformers_current_argument_name(tiny):
+    """transformers 5.x renamed Qwen2Model's ``past_key_values`` to ``cache`` (the old name goes in 5.40):
+    a cache passed under a name the installed version drops would silently stop growing."""
+    text, codes = mixed_positions(tiny, "tatta")
+    cache = tiny.new_cache()
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("error", FutureWarning)
+        tiny(text[:, :3], codes[:, :3], cache)
+        assert cache.length == 3
+        out = tiny(text[:, 3:], codes[:, 3:], cache)
+        tiny.decode_patch(out.local_in, GREEDY)
+        full = tiny(text, codes)
+    assert cache.length == 5
+    assert torch.allclose(out.text_logits, full.text_logits, atol=1e-5, rtol=0)
+
+
 def test_truncating_the_cache_forgets_the_dropped_positions(tiny):
     text, codes = mixed_positions(tiny, "tatataataa" * 10)
     kept, dropped, later = slice(0, 5), slice(5, 80), slice(80, 100)
@@ -314,7 +331,7 @@ def upstream_decode_patch(model: MiMoAudioForCausalLM, local_in: torch.Tensor) -
     codes = torch.zeros(local_in.shape[0], 4, 8, dtype=torch.long)
     cache, x = DynamicCache(), local_in[:, None]
     for step in range(config.group_size + max(config.delays)):
-        hidden = model.local_transformer(inputs_embeds=x, past_key_values=cache, use_cache=True).last_hidden_state
+        hidden = model.local_transformer(inputs_embeds=x, cache=cache, use_cache=True).last_hidden_state
         x = torch.zeros_like(x)
         for channel, delay in enumerate(config.delays):
             if delay <= step < delay + config.group_size:

@@ -73,7 +73,7 @@ def iter_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
         if not shard.is_file():
             raise CheckpointError(f"{folder}: shard {shard.name} listed in the index is missing")
         with safe_open(str(shard), framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 (safetensors 0.8 handles are not iterable)
+            for key in handle.keys():  # noqa: SIM118 (a safetensors handle is not iterable)
                 yield key, handle.get_tensor(key)
 
 

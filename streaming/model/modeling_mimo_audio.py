@@ -204,7 +204,7 @@ class MiMoAudioForCausalLM(nn.Module):
         self._check_inputs(text_ids, codes)
         past = cache.dynamic if cache is not None else None
         hidden = self.model(
-            inputs_embeds=self.embed_positions(text_ids, codes), past_key_values=past, use_cache=past is not None
+            inputs_embeds=self.embed_positions(text_ids, codes), cache=past, use_cache=past is not None
         ).last_hidden_state
         last = hidden[:, -1]
         return MiMoAudioOutput(
@@ -233,7 +233,7 @@ class MiMoAudioForCausalLM(nn.Module):
         x = local_in[:, None]
         for step, (lo, hi) in enumerate(self._schedule.channel_ranges):
             for layer in decoder.layers:
-                x = layer(x, attention_mask=None, position_embeddings=rope[step], past_key_values=kv)
+                x = layer(x, attention_mask=None, position_embeddings=rope[step], cache=kv)
             h = decoder.norm(x[:, 0])
             for channel in range(lo, hi):
                 head_out[channel].copy_(self.local_transformer_lm_heads[channel](h))

@@ -1,0 +1,334 @@
+"""The fast batched hot path (streaming/model/fast.py) against the reference MiMoAudioForCausalLM."""
+
+import pytest
+import torch
+from mimo_voice.configs.schema import SamplerParams
+from mimo_voice.streaming.model.configuration_mimo_audio import MiMoAudioConfig
+from mimo_voice.streaming.model.fast import FastMiMoAudio, StepOutput, _Head
+from mimo_voice.streaming.model.fast_sampling import RowSampling, filtered, sample_rows
+from mimo_voice.streaming.model.kv_pool import KVPool
+from mimo_voice.streaming.model.modeling_mimo_audio import MiMoAudioForCausalLM
+from mimo_voice.streaming.model.profiling import count_call
+from mimo_voice.streaming.model.sampling import Sampler
+from test_mimo_model import SPECIAL, mixed_positions
+
+pytestmark = pytest.mark.unit
+
+GREEDY = SamplerParams(do_sample=False)
+AUDIO = SamplerParams(temperature=0.9, top_k=50, top_p=0.95)
+NUCLEUS = SamplerParams(temperature=0.9, top_p=0.95)
+TOL = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=["tiny", "small"])
+def model(request):
+    return MiMoAudioForCausalLM.random(MiMoAudioConfig.preset(request.param), SPECIAL, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return MiMoAudioForCausalLM.random(MiMoAudioConfig.preset("tiny"), SPECIAL, seed=0)
+
+
+def build(model, slots=4, capacity=64, head_precision="model", **kwargs):
+    """A fast model over its own pool; the lm_head in the model dtype unless asked (fp32 parity)."""
+    pool = KVPool(model.config, slots, capacity, model.device, model.hidden_states_downcast.weight.dtype)
+    return FastMiMoAudio(model, pool, compile="off", head_precision=head_precision, **kwargs), pool
+
+
+def close(a: torch.Tensor, b: torch.Tensor, tol: float = TOL) -> bool:
+    return (a.float() - b.float()).abs().max().item() <= tol
+
+
+# --- backbone ---
+
+
+def test_prefill_equals_the_reference_forward(model):
+    fast, pool = build(model)
+    text, codes = mixed_positions(model, "ttaatata", seed=1)
+    ref = model(text, codes)
+    out = fast.prefill(pool.allocate(), text[0], codes[0])
+    assert isinstance(out, StepOutput) and out.text_logits.shape == (1, model.config.vocab_size)
+    assert close(out.text_logits, ref.text_logits) and close(out.local_in, ref.local_in)
+
+
+def test_prefill_in_pieces_continues_positions_like_the_reference_cache(model):
+    fast, pool = build(model)
+    text, codes = mixed_positions(model, "tataatta", seed=2)
+    cache, slot = model.new_cache(), pool.allocate()
+    for lo, hi in ((0, 3), (3, 4), (4, 8)):
+        ref = model(text[:, lo:hi], codes[:, lo:hi], cache)
+        out = fast.prefill(slot, text[0, lo:hi], codes[0, lo:hi])
+        assert close(out.text_logits, ref.text_logits) and close(out.local_in, ref.local_in)
+    assert pool.length(slot) == cache.length == 8
+
+
+@pytest.mark.parametrize("slot_order", [[0, 1, 2], [2, 0, 3]], ids=["packed", "scattered"])
+def test_batched_step_equals_batch_one_rows_at_different_lengths(model, slot_order):
+    batched, pool_b = build(model)
+    single, pool_s = build(model)
+    for pool in (pool_b, pool_s):
+        for _ in range(4):
+            pool.allocate()
+    history = {slot: mixed_positions(model, "ta" * (slot + 1) + "t", seed=slot) for slot in slot_order}
+    for fast in (batched, single):
+        for slot, (text, codes) in history.items():
+            fast.prefill(slot, text[0], codes[0])
+    text, codes = mixed_positions(model, "ata", seed=9)
+    out = batched.step(slot_order, text[0], codes[0])
+    for row, slot in enumerate(slot_order):
+        ref = single.step([slot], text[0, row : row + 1], codes[0, row : row + 1])
+        assert close(out.text_logits[row : row + 1], ref.text_logits)
+        assert close(out.local_in[row : row + 1], ref.local_in)
+        assert out.text_logits[row].argmax() == ref.text_logits[0].argmax()
+    assert pool_b.lengths(slot_order) == pool_s.lengths(slot_order)
+
+
+def test_step_equals_prefill_of_one_position(tiny):
+    fast, pool = build(tiny)
+    a, b = pool.allocate(), pool.allocate()
+    text, codes = mixed_positions(tiny, "tatta", seed=3)
+    for slot in (a, b):
+        fast.prefill(slot, text[0, :4], codes[0, :4])
+    stepped = fast.step([a], text[0, 4:], codes[0, 4:])
+    prefilled = fast.prefill(b, text[0, 4:], codes[0, 4:])
+    assert close(stepped.text_logits, prefilled.text_logits)
+
+
+def test_truncate_then_refeed_equals_a_fresh_slot(tiny):
+    fast, pool = build(tiny)
+    text, codes = mixed_positions(tiny, "tataatat", seed=4)
+    rolled, fresh = pool.allocate(), pool.allocate()
+    fast.prefill(rolled, text[0], codes[0])
+    pool.truncate(rolled, 5)
+    other, other_codes = mixed_positions(tiny, "aat", seed=5)
+    again = fast.prefill(rolled, other[0], other_codes[0])
+    fast.prefill(fresh, text[0, :5], codes[0, :5])
+    new = fast.prefill(fresh, other[0], other_codes[0])
+    assert pool.length(rolled) == pool.length(fresh) == 8
+    assert close(again.text_logits, new.text_logits)
+
+
+def test_pool_slots_and_bad_input_give_clear_errors(tiny):
+    fast, pool = build(tiny, slots=2, capacity=8)
+    a, b = pool.allocate(), pool.allocate()
+    assert (a, b) == (0, 1)
+    with pytest.raises(RuntimeError, match="in use"):
+        pool.allocate()
+    pool.free(a)
+    with pytest.raises(ValueError, match="not allocated"):
+        pool.length(a)
+    assert pool.allocate() == a
+    text, codes = mixed_positions(tiny, "tat", seed=6)
+    with pytest.raises(ValueError, match="text ids"):
+        fast.prefill(a, torch.tensor([-1, 5, 6]), codes[0])
+    bad = codes[0].clone()
+    bad[1, 0, 2] = 129
+    with pytest.raises(ValueError, match="audio codes"):
+        fast.prefill(a, text[0], bad)
+    with pytest.raises(ValueError, match="expected"):
+        fast.prefill(a, text[0], codes[0, :2])
+    assert pool.length(a) == 0  # nothing was written by the refused calls
+    fast.prefill(a, text[0], codes[0])
+    with pytest.raises(ValueError, match="no room"):
+        fast.prefill(a, torch.zeros(6, dtype=torch.long), tiny.empty_codes(6)[0])
+    with pytest.raises(ValueError, match="truncate"):
+        pool.truncate(a, 4)
+    with pytest.raises(ValueError, match="distinct"):
+        fast.step([a, a], text[0, :2], codes[0, :2])
+
+
+# --- patch decoder and sampling ---
+
+
+def test_patch_decoder_greedy_codes_equal_the_reference(model):
+    fast, _ = build(model)
+    local_in = torch.randn(5, model.config.local_dim, generator=torch.Generator().manual_seed(0))
+    expected = model.decode_patch(local_in, Sampler(GREEDY))
+    assert torch.equal(fast.decode_patch(local_in, GREEDY), expected)
+    rows = RowSampling.build([GREEDY] * 5, 5, "cpu")
+    assert torch.equal(fast.decode_patch(local_in, rows), expected)
+
+
+def test_patch_decoder_samples_valid_codes_and_greedy_rows_stay_greedy(tiny):
+    fast, _ = build(tiny)
+    config = tiny.config
+    local_in = torch.randn(6, config.local_dim, generator=torch.Generator().manual_seed(1)) * 30
+    generator = torch.Generator().manual_seed(0)
+    for params in (AUDIO, NUCLEUS, [AUDIO, GREEDY, NUCLEUS, GREEDY, AUDIO, AUDIO]):
+        codes = fast.decode_patch(local_in, params, generator)
+        assert codes.shape == (6, config.group_size, config.audio_channels) and codes.dtype == torch.long
+        for channel, (size, empty) in enumerate(zip(config.speech_vocab_sizes, config.speech_empty_ids)):
+            ids = codes[..., channel]
+            assert bool(((ids >= 0) & (ids < size) & (ids != empty)).all())
+    mixed = fast.decode_patch(local_in, [AUDIO, GREEDY, AUDIO, GREEDY, AUDIO, GREEDY], generator)
+    greedy = tiny.decode_patch(local_in[1::2], Sampler(GREEDY))
+    assert torch.equal(mixed[1::2], greedy)
+
+
+def _reference_survivors(logits: torch.Tensor, params: SamplerParams, banned: list[int]) -> list[set[int]]:
+    sampler = Sampler(params)
+    values, ids = sampler.candidates(logits.float() / params.temperature)
+    keep = []
+    for row in range(logits.shape[0]):
+        row_ids = range(logits.shape[1]) if ids is None else ids[row].tolist()
+        keep.append({i for i, v in zip(row_ids, values[row].tolist()) if v != float("-inf") and i not in banned})
+    return keep
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplerParams(temperature=0.7, top_k=20),
+        SamplerParams(temperature=0.6, top_p=0.8),
+        SamplerParams(temperature=0.9, top_k=50, top_p=0.9),
+        SamplerParams(temperature=1.3),
+    ],
+)
+@pytest.mark.parametrize("vocab", [1025, 151680])
+def test_sync_free_filters_keep_the_reference_sampler_survivors(params, vocab):
+    generator = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(3, vocab, generator=generator) * 4
+    banned = [5, 17]
+    ban = torch.zeros(vocab, dtype=torch.bool)
+    ban[banned] = True
+    rows = RowSampling.build(params, 3, "cpu")
+    values, ids = filtered(logits, rows, ban)
+    expected = _reference_survivors(logits, params, banned)
+    for row in range(3):
+        row_ids = range(vocab) if ids is None else ids[row].tolist()
+        got = {i for i, v in zip(row_ids, values[row].tolist()) if v != float("-inf")}
+        assert got == expected[row]
+    draws = torch.stack([sample_rows(logits, rows, ban, generator) for _ in range(20)])
+    for row in range(3):
+        assert set(draws[:, row].tolist()) <= expected[row]
+
+
+def test_sync_free_sampler_greedy_and_fully_banned_rows_fall_back_to_the_best_allowed():
+    logits = torch.tensor([[0.0, 5.0, 1.0, 4.0], [3.0, 2.0, 1.0, 0.0]])
+    ban = torch.tensor([[False, True, False, False], [True, True, True, False]])
+    greedy = RowSampling.build(GREEDY, 2, "cpu")
+    assert sample_rows(logits, greedy, ban).tolist() == Sampler(GREEDY).sample_masked(logits, ban).tolist() == [3, 3]
+    # top-k 1 keeps only the best token; where it is banned, the best allowed one is drawn instead.
+    top1 = RowSampling.build(SamplerParams(top_k=1), 2, "cpu")
+    assert sample_rows(logits, top1, ban, torch.Generator().manual_seed(0)).tolist() == [3, 3]
+
+
+def test_sample_text_is_sync_free_and_respects_bans(tiny):
+    fast, pool = build(tiny)
+    out = fast.prefill(pool.allocate(), *[t[0] for t in mixed_positions(tiny, "tat", seed=7)])
+    banned = torch.zeros(tiny.config.vocab_size, dtype=torch.bool)
+    best = int(out.text_logits.argmax())
+    banned[best] = True
+    tokens, counts = count_call(lambda: fast.sample_text(out.text_logits, GREEDY, banned))
+    assert counts.host_reads == 0 and tokens.tolist()[0] != best
+    assert tokens.tolist() == Sampler(GREEDY).sample(out.text_logits, [best]).tolist()
+    sampled, counts = count_call(lambda: fast.sample_text(out.text_logits, NUCLEUS, banned, torch.Generator()))
+    assert counts.host_reads == 0 and sampled.tolist()[0] != best
+
+
+# --- precision, compile, op counts ---
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8", "auto"])
+def test_reduced_precision_lm_head_is_faithful(tiny, precision):
+    exact, pool = build(tiny)
+    reduced, pool_r = build(tiny, head_precision=precision)
+    generator = torch.Generator().manual_seed(8)
+    text = torch.randint(0, 151643, (24,), generator=generator)
+    codes = tiny.empty_codes(24)[0]
+    near_ties = 0
+    slot, slot_r = pool.allocate(), pool_r.allocate()
+    for position in range(24):
+        ref = exact.prefill(slot, text[position : position + 1], codes[:1]).text_logits[0]
+        out = reduced.prefill(slot_r, text[position : position + 1], codes[:1]).text_logits[0]
+        # Recorded tolerance: bf16 rounds the head's inputs and weights (rel. 2^-8), int8 its weights per row.
+        assert close(out, ref, tol=0.02 * float(ref.abs().max()) + 1e-3)
+        top2 = ref.topk(2).values
+        if int(out.argmax()) != int(ref.argmax()):
+            near_ties += 1
+            assert float(top2[0] - top2[1]) < 0.02 * float(ref.abs().max()) + 1e-3
+    assert near_ties <= 2
+
+
+@pytest.mark.parametrize("rows", [1, 4, 7])
+def test_auto_head_is_faithful_at_every_batch_size(tiny, rows):
+    head = _Head(tiny.lm_head.weight, "auto")
+    assert head.precision == "int8+bf16"  # a float32 model on the CPU
+    x = torch.randn(rows, tiny.config.hidden_size, generator=torch.Generator().manual_seed(rows))
+    ref = torch.nn.functional.linear(x, tiny.lm_head.weight.detach())
+    out = head(x)
+    tol = 0.02 * float(ref.abs().max())
+    assert out.dtype == torch.float32 and close(out, ref, tol=tol)
+    for row in range(rows):
+        best, runner_up = ref[row].topk(2).values.tolist()
+        assert int(out[row].argmax()) == int(ref[row].argmax()) or best - runner_up < tol
+
+
+def test_bf16_model_matches_fp32_within_tolerance(tiny):
+    bf16 = MiMoAudioForCausalLM.random(tiny.config, SPECIAL, seed=0, dtype=torch.bfloat16)
+    fast, pool = build(bf16)
+    text, codes = mixed_positions(tiny, "tataat", seed=10)
+    ref = tiny(text, codes)
+    out = fast.prefill(pool.allocate(), text[0], codes[0])
+    eager_bf16 = bf16(text, codes)
+    scale = float(ref.text_logits.abs().max())
+    assert close(out.text_logits, ref.text_logits, tol=0.05 * scale)
+    assert close(out.text_logits, eager_bf16.text_logits, tol=0.02 * scale)
+
+
+def test_compile_off_and_auto_on_cpu_run_eagerly(tiny, caplog):
+    fast, _ = build(tiny)
+    assert not fast.compile
+    pool = KVPool(tiny.config, 1, 8, "cpu", torch.float32)
+    assert not FastMiMoAudio(tiny, pool, compile="on").compile
+    assert "CUDA graphs need a CUDA device" in caplog.text
+    with pytest.raises(ValueError, match="compile"):
+        FastMiMoAudio(tiny, pool, compile="always")  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_patch_decoder_equals_eager():
+    model = MiMoAudioForCausalLM.random(MiMoAudioConfig.preset("small"), SPECIAL, seed=0, device="cuda")
+    pool = KVPool(model.config, 4, 64, "cuda", torch.float32)
+    graphed = FastMiMoAudio(model, pool, compile="on")
+    eager = FastMiMoAudio(model, pool, compile="off")
+    assert graphed.compile
+    local_in = torch.randn(3, model.config.local_dim, device="cuda")
+    assert torch.equal(graphed.decode_patch(local_in, GREEDY), eager.decode_patch(local_in, GREEDY))
+    codes = graphed.decode_patch(local_in, [AUDIO, GREEDY, NUCLEUS])
+    assert torch.equal(codes[1], eager.decode_patch(local_in[1:2], GREEDY)[0])
+    assert bool((codes[..., 0] < 1024).all())
+
+
+def test_one_audio_group_has_few_ops_and_no_host_reads(tiny):
+    fast, pool = build(tiny)
+    slot = pool.allocate()
+    fast.prefill(slot, *[t[0] for t in mixed_positions(tiny, "tt", seed=11)])
+    empty, codes = torch.tensor([SPECIAL.empty]), tiny.empty_codes(1)[0]
+
+    def group():
+        out = fast.step([slot], empty, codes)
+        fast.sample_text(out.text_logits, GREEDY)
+        return fast.decode_patch(out.local_in, GREEDY)
+
+    _, counts = count_call(group)
+    cache = tiny.new_cache()
+    tiny(*mixed_positions(tiny, "tt", seed=11), cache)
+
+    def eager_group():
+        out = tiny(empty[None], codes[None], cache)
+        Sampler(GREEDY).sample(out.text_logits)
+        return tiny.decode_patch(out.local_in, Sampler(GREEDY))
+
+    _, eager = count_call(eager_group)
+    assert counts.host_reads == 0
+    assert counts.ops < 0.75 * eager.ops
