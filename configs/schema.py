@@ -104,6 +104,9 @@ class EngineSection(Section):
     threads: int = Field(
         0, ge=0, description="torch threads of the worker; 0: all cores but one on CPU, 2 on CUDA (it only launches)."
     )
+    kv_slots: int = Field(
+        16, ge=1, description="Conversations the engine holds at once: one preallocated KV cache slot each."
+    )
     compile: Literal["auto", "on", "off"] = Field(
         "auto", description="Compile the fast step (CUDA graphs): auto = on CUDA only; done at load, never mid-call."
     )

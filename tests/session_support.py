@@ -125,7 +125,10 @@ def segment_kinds(conversation) -> list[str]:
 
 
 def cache_tensors(conversation) -> list:
-    return [(keys.clone(), values.clone()) for keys, values in conversation.pool.layer_kv(conversation.slot)]
+    pool, length = conversation.pool, conversation.cached
+    heads = pool.config.num_key_value_heads
+    layers = [pool.layer(index)[conversation.slot, :, :length] for index in range(pool.config.num_hidden_layers)]
+    return [(kv[:heads].clone(), kv[heads:].clone()) for kv in layers]
 
 
 def one_prefill(conversation, positions):
@@ -134,7 +137,8 @@ def one_prefill(conversation, positions):
     cache = model.new_cache()
     with torch.inference_mode():
         output = model(*positions.batch(model.device), cache=cache)
-    return output.text_logits.clone(), [(layer.keys.clone(), layer.values.clone()) for layer in cache.dynamic.layers]
+    layers = cache.dynamic.layers  # [1, kv_heads, T, head_dim] each: as cache_tensors gives them, less the batch
+    return output.text_logits.clone(), [(layer.keys[0].clone(), layer.values[0].clone()) for layer in layers]
 
 
 def user_patches(conversation) -> list[torch.Tensor]:
@@ -153,22 +157,22 @@ def response_start(conversation) -> tuple[int, int]:
 
 
 def count_fed_positions(conversation) -> None:
-    """From now on, count the positions fed to the model (see ``fed_positions``)."""
-    model, fed = conversation.model, []
-    forward = type(model).forward
+    """From now on, count the positions prefilled into the cache (see ``fed_positions``)."""
+    fast, fed = conversation.fast, []
+    prefill = type(fast).prefill
 
-    def counting(text_ids, codes, cache=None, all_logits=False):
-        fed.append(text_ids.shape[1])
-        return forward(model, text_ids, codes, cache=cache, all_logits=all_logits)
+    def counting(slot, text_ids, codes):
+        fed.append(text_ids.shape[0])
+        return prefill(fast, slot, text_ids, codes)
 
-    model.forward, model.fed = counting, fed
+    fast.prefill, fast.fed = counting, fed
 
 
 def fed_positions(conversation) -> list[int]:
     """The counts since ``count_fed_positions``, which stops counting."""
-    model = conversation.model
-    fed = model.fed
-    del model.forward, model.fed
+    fast = conversation.fast
+    fed = fast.fed
+    del fast.prefill, fast.fed
     return fed
 
 

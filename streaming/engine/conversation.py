@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from loguru import logger
 from mimo_voice.streaming.model.audio import Resampler
+from mimo_voice.streaming.model.fast import StepOutput
 from mimo_voice.streaming.model.sampling import Sampler
 
 from .codec_stream import IncrementalEncoder, StreamingDecoder
 from .context import Context, Segment
 from .events import SAMPLE_RATE, Event, TurnEnd
-from .fast_reference import StepOutput
 from .generation import Generation
 from .prompts import Positions, frames_to_patches, task_format
 from .session import Turn
@@ -150,8 +150,8 @@ class Conversation:
         if begin < len(self.context):
             end = min(begin + PREFILL_CHUNK, len(self.context))
             began = time.perf_counter()
-            text_ids, codes = self.context.positions(begin, end).batch(self.model.device)
-            self.last_output = self.fast.prefill(self.slot, text_ids[0], codes[0])
+            positions = self.context.positions(begin, end)  # on the CPU: ids are checked there, without a sync
+            self.last_output = self.fast.prefill(self.slot, positions.text_ids, positions.codes)
             if dropped:
                 logger.info(
                     f"context management: dropped {dropped} old audio positions; rebuilding the cache from the "

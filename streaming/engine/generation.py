@@ -30,8 +30,9 @@ from .prompts import THINK_CLOSE, Output
 from .text_stream import Detokenizer, SpokenToken, ToolCallFilter, heard_text
 
 if TYPE_CHECKING:
+    from mimo_voice.streaming.model.fast import StepOutput
+
     from .conversation import Conversation
-    from .fast_reference import StepOutput
 
 THINK_END_TAG = THINK_CLOSE.strip()
 PATCH_SECONDS = SAMPLES_PER_PATCH / 24_000

@@ -15,8 +15,8 @@ Each active :class:`~.generation.Generation` is a row. One step phase (:meth:`St
 6. the audio of each row's new patch is decoded to PCM.
 
 An error in one row's own work (routing, a hook) ends that row only; an error in a batched call ends the
-rows of that call. Each row draws its random tokens from its own session's generator, so a session's output
-does not depend on the sessions it is batched with.
+rows of that call. A row stepped alone draws from its session's generator (reproducible for a seed); rows
+sampled together share one random stream (see ``_generator``). Greedy rows are identical whatever the batch.
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 from loguru import logger
 from mimo_voice.configs.schema import SamplerParams
-
-from .fast_reference import FastMiMoAudio
+from mimo_voice.streaming.model.fast import FastMiMoAudio, StepOutput
 
 if TYPE_CHECKING:
     from .generation import Generation
@@ -100,7 +99,7 @@ class StepScheduler:
             logits = torch.cat([g.last.text_logits for g in group])
             banned = torch.stack([self._ban_mask(g.banned()) for g in group])
             params = group[0].conv.text_sampler.params
-            draws.append(self.fast.sample_text(logits, params, banned, [g.conv.generator for g in group]))
+            draws.append(self.fast.sample_text(logits, params, banned, self._generator(group)))
             order.extend(indices)
         if draws:
             for index, token in zip(order, torch.cat(draws).tolist()):
@@ -125,14 +124,20 @@ class StepScheduler:
     def _decode_group(self, rows: list[Generation]) -> torch.Tensor:
         local_in = torch.cat([g.last.local_in for g in rows])
         params = rows[0].conv.audio_sampler.params
-        return self.fast.decode_patch(local_in, params, [g.conv.generator for g in rows])
+        return self.fast.decode_patch(local_in, params, self._generator(rows))
+
+    def _generator(self, rows: list[Generation]) -> torch.Generator | None:
+        """A lone row draws from its session's generator, as it always did; rows sampled together draw from the
+        device's default one (one stream for the batch: a session's draws then depend on its batch), as do
+        compiled steps, whose CUDA graphs replay only with the default generator."""
+        return rows[0].conv.generator if len(rows) == 1 and not self.fast.compile else None
 
     def _backbone_step(self, batch: list[tuple[Generation, int]], patch_codes: dict) -> None:
         if not batch:
             return
+        batch = sorted(batch, key=lambda row: row[0].conv.slot)  # ascending slots: the pool is read as a view
         slots = [g.conv.slot for g, _ in batch]
-        device = self.empty_codes.device
-        text_ids = torch.tensor([t for _, t in batch], device=device)
+        text_ids = torch.tensor([t for _, t in batch])  # on the CPU: the step decides text vs audio there
         codes = torch.stack([patch_codes.get(g, self.empty_codes) for g, _ in batch])
         try:
             out = self.fast.step(slots, text_ids, codes)
@@ -142,7 +147,8 @@ class StepScheduler:
                 generation.finish("error", error=f"{type(exc).__name__}: {exc}")
             return
         for index, (generation, _) in enumerate(batch):
-            generation.last = generation.conv.last_output = out.row(index)
+            row = StepOutput(out.text_logits[index : index + 1], out.local_in[index : index + 1])
+            generation.last = generation.conv.last_output = row
 
     @staticmethod
     def _one_behind(generation: Generation) -> bool:

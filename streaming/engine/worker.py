@@ -40,13 +40,14 @@ from loguru import logger
 from mimo_voice.configs import Config
 from mimo_voice.configs.logging import setup_logging
 from mimo_voice.streaming.model.checkpoint import pick_device, pick_dtype
+from mimo_voice.streaming.model.fast import FastMiMoAudio
+from mimo_voice.streaming.model.kv_pool import KVPool
 from mimo_voice.streaming.model.modeling_audio_tokenizer import load_audio_tokenizer
 from mimo_voice.streaming.model.modeling_mimo_audio import load_mimo_audio
 from mimo_voice.streaming.presets.real7b import random_on_device
 
 from .conversation import Conversation
 from .events import Event
-from .fast_reference import FastMiMoAudio, KVPool
 from .generation import Generation
 from .prompts import PromptBuilder, frames_to_patches
 from .scheduler import StepScheduler
@@ -112,8 +113,10 @@ class Worker:
             with torch.inference_mode():
                 frames = self.codec.encode(torch.from_numpy(voice_prompt).to(device)).cpu()
             self.voice_patches = frames_to_patches(frames, self.model.config.group_size)
-        self.pool = KVPool(self.model)
-        self.fast = FastMiMoAudio(self.model, self.pool)
+        self.pool = KVPool(
+            self.model.config, config.engine.kv_slots, config.streaming.max_context_positions, device, dtype
+        )
+        self.fast = FastMiMoAudio(self.model, self.pool, compile=config.engine.compile)
         config_ = self.model.config
         empty_codes = torch.tensor(config_.speech_empty_ids, device=device).expand(config_.group_size, -1)
         self.scheduler = StepScheduler(self.fast, config_.vocab_size, empty_codes.contiguous(), self.special.empty)
