@@ -112,6 +112,12 @@ def record(conversation, start: int = 0, end: int | None = None):
     return conversation.context.positions(start, end)
 
 
+def response_patches(conversation) -> list[torch.Tensor]:
+    """The audio codes of the last response, as its record holds them."""
+    segment = conversation.last_response.segment
+    return [e.codes for e in conversation.context.entries if e.segment is segment and e.codes is not None]
+
+
 def record_length(conversation) -> int:
     return len(conversation.context)
 
@@ -132,13 +138,17 @@ def cache_tensors(conversation) -> list:
 
 
 def one_prefill(conversation, positions):
-    """The text logits and the KV cache of ``positions`` fed at once into a fresh cache."""
-    model = conversation.model
-    cache = model.new_cache()
-    with torch.inference_mode():
-        output = model(*positions.batch(model.device), cache=cache)
-    layers = cache.dynamic.layers  # [1, kv_heads, T, head_dim] each: as cache_tensors gives them, less the batch
-    return output.text_logits.clone(), [(layer.keys[0].clone(), layer.values[0].clone()) for layer in layers]
+    """The text logits and the KV cache of ``positions`` fed at once into a fresh slot of the engine's pool."""
+    pool, fast = conversation.pool, conversation.fast
+    slot = pool.allocate()
+    try:
+        with torch.inference_mode():
+            output = fast.prefill(slot, positions.text_ids, positions.codes)
+        heads, length = pool.config.num_key_value_heads, len(positions)
+        layers = [pool.layer(index)[slot, :, :length] for index in range(pool.config.num_hidden_layers)]
+        return output.text_logits.clone(), [(kv[:heads].clone(), kv[heads:].clone()) for kv in layers]
+    finally:
+        pool.free(slot)
 
 
 def user_patches(conversation) -> list[torch.Tensor]:

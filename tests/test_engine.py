@@ -29,6 +29,7 @@ from session_support import (
     of,
     opened,
     patches_of,
+    response_patches,
     speech,
     voice,
     voice_prompt_part,
@@ -65,11 +66,16 @@ async def test_sessions_share_the_engine_step_by_step_without_sharing_state(tiny
             session.text_hook = Script(script)
             await session.feed_audio(voice(1.0), 16_000)
         a, b = await asyncio.gather(collect(first.respond()), collect(second.respond()))
-    assert end_of(a).reason == end_of(b).reason == "stop"
-    # Interleaved: each response was under way before the other one ended.
-    assert of(a, AudioPatch)[0].time < end_of(b).time and of(b, AudioPatch)[0].time < end_of(a).time
-    # Same seed, same input, separate caches and generators: the same patches.
-    assert all(np.array_equal(x, y) for x, y in zip(patches_of(a), patches_of(b), strict=True))
+        assert end_of(a).reason == end_of(b).reason == "stop"
+        # Interleaved: each response was under way before the other one ended.
+        assert of(a, AudioPatch)[0].time < end_of(b).time and of(b, AudioPatch)[0].time < end_of(a).time
+        # Stepped together, each keeps its own state: its record holds exactly the patches it emitted. (Sampled
+        # rows of one batch share a random stream, so the two replies' patches may differ; the batching tests
+        # compare greedy replies with batch size 1.)
+        for session, events in ((first, a), (second, b)):
+            recorded = await session.inspect(response_patches)
+            assert len(recorded) == len(patches_of(events)) == 15
+            assert all(np.array_equal(x, y.numpy()) for x, y in zip(patches_of(events), recorded, strict=True))
 
 
 @pytest.fixture
