@@ -112,7 +112,7 @@ def profile_ops(
     conversation.set_text_hook(script)
     counter = OpCounter()
     counter.wrap(worker.fast, "decode_patch", "patch decoder")
-    counter.wrap(worker.model, "embed_patches", "patch encoder")
+    counter.wrap(worker.fast, "embed_patches", "patch encoder")
     counter.wrap(worker.codec.quantizer, "decode", "decode")
     counter.wrap(worker.codec, "decode_hidden", "decode")
     # no_grad rather than the worker's inference_mode: under inference_mode, bool(tensor) and .item() dispatch

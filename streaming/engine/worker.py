@@ -9,15 +9,14 @@ KV cache, codec streams) is a *request state*; a response being generated is an 
 (:class:`~.generation.Generation`). The worker loops::
 
     run every queued job, in arrival order      (short: a few patches of prefill, a cache cut)
-    advance every active request by one position (round robin)
+    advance every active request by one position (one batch)
     (block on the pipe when nothing is active)
 
 so several sessions share the device fairly, a cancel takes effect before the next step, and user audio
-arriving for one session is prefilled between the steps of another. Today each active request is stepped
-at batch size 1. The step phase is the batching seam: the active requests are independent ("sample from
-my last logits, feed one position"), so a batched engine stacks them into one backbone forward of [B, 1]
-positions over per-request caches (a padded or paged KV layout, positions per row) and one patch-decoder
-call of batch B (``decode_patch`` already takes [B, local_dim]), without changing the Session API.
+arriving for one session is prefilled between the steps of another. The step phase is batched
+(:mod:`.scheduler`): every active request is a row of one backbone step over the worker's KV pool (one slot per
+conversation, rows at different lengths) and of one patch-decoder call, through the fast hot path
+(:class:`~mimo_voice.streaming.model.fast.FastMiMoAudio`).
 
 Messages, main -> worker: ``("call", request_id, session_id, method, args)`` (answered with
 ``("result", request_id, ok, value)``), ``("cast", session_id, method, args)`` (no answer), ``("stop",)``;
