@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from worker_support import greedy_worker, open_conversation, replies_alone, replies_together
+from worker_support import greedy_worker, open_conversation, replies_alone, replies_together, reply, respond, run
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -46,3 +46,23 @@ def test_a_session_leaving_frees_its_slot_and_a_new_one_gets_a_clean_cache(worke
     second = open_conversation(worker, 2)
     assert second.cached == len(second.context)
     second.close()
+
+
+def test_a_failing_batched_call_ends_its_rows_with_the_error_and_the_engine_goes_on(worker, monkeypatch):
+    conversations = [open_conversation(worker, session_id) for session_id in (1, 3)]
+
+    def exploding(*args, **kwargs):
+        raise RuntimeError("patch decoder exploded")
+
+    monkeypatch.setattr(worker.fast, "decode_patch", exploding)
+    for conversation in conversations:
+        respond(worker, conversation)
+    run(worker)
+    assert not worker.active
+    for conversation in conversations:
+        end = worker.outbox.events[conversation.session_id][-1]
+        assert end.reason == "error" and "patch decoder exploded" in end.error
+        reply(worker, conversation)
+        conversation.close()
+    monkeypatch.undo()
+    assert replies_alone(worker, [4])[4][2] == "stop"  # the next reply is generated as usual

@@ -50,6 +50,15 @@ class StepScheduler:
             if generation.cancel_requested:
                 generation.finish("cancelled")
         rows = [g for g in rows if not g.done and self._caught_up(g)]
+        try:
+            self._step(rows, began)
+        except Exception as exc:  # a batched call failed: its rows end with the error; the engine goes on
+            logger.exception("batched step failed")
+            for generation in rows:
+                if not generation.done:
+                    generation.finish("error", error=f"{type(exc).__name__}: {exc}")
+
+    def _step(self, rows: list[Generation], began: float) -> None:
         if not rows:
             return
         tokens = self._tokens(rows)
@@ -139,13 +148,7 @@ class StepScheduler:
         slots = [g.conv.slot for g, _ in batch]
         text_ids = torch.tensor([t for _, t in batch])  # on the CPU: the step decides text vs audio there
         codes = torch.stack([patch_codes.get(g, self.empty_codes) for g, _ in batch])
-        try:
-            out = self.fast.step(slots, text_ids, codes)
-        except Exception as exc:
-            logger.exception("batched step failed")
-            for generation, _ in batch:
-                generation.finish("error", error=f"{type(exc).__name__}: {exc}")
-            return
+        out = self.fast.step(slots, text_ids, codes)
         for index, (generation, _) in enumerate(batch):
             row = StepOutput(out.text_logits[index : index + 1], out.local_in[index : index + 1])
             generation.last = generation.conv.last_output = row
