@@ -19,17 +19,27 @@ class Section(BaseModel):
 class ModelSection(Section):
     """Which weights to run, and where."""
 
-    preset: Literal["tiny", "small"] = Field(
-        "tiny", description="Embedded random/briefly-trained model used when `path` is empty. It babbles."
+    preset: Literal["tiny", "small", "real7b"] = Field(
+        "tiny",
+        description="Embedded random/briefly-trained model used when `path` is empty. It babbles. real7b: the real "
+        "7B shapes with random weights drawn on the device (for GPU checks; no download).",
     )
     path: str | None = Field(None, description="MiMo-Audio-7B checkpoint folder or Hugging Face repo id.")
     tokenizer_path: str | None = Field(
         None, description="MiMo-Audio-Tokenizer checkpoint folder or Hugging Face repo id."
     )
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bfloat16 on CUDA, float32 on CPU")
     seed: int = 0
     cache_dir: str | None = Field(None, description="Where generated tiny checkpoints are cached.")
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _refuse_float16(cls, value: object) -> object:
+        if value == "float16":
+            # The weights are bf16; fp16's narrower range overflows in the activations, and nothing guards it.
+            raise ValueError("float16 is not supported: MiMo-Audio is a bfloat16 model; use bfloat16 or float32")
+        return value
 
 
 class SamplerParams(Section):
@@ -86,6 +96,43 @@ class StreamingSection(Section):
     encode_overlap_secs: float = Field(0.5, ge=0)
     max_context_positions: int = Field(8192, ge=64)
     context_headroom_positions: int = Field(512, ge=0)
+
+
+class EngineSection(Section):
+    """The engine: where it runs (a worker process of this server, ``local``, or a pool of Ray actors that any
+    number of front-ends share, ``ray``, which needs the ``ray`` extra), its CPU threads, its KV slots and the fast
+    step's compilation."""
+
+    threads: int = Field(
+        0, ge=0, description="torch threads of the worker; 0: all cores but one on CPU, 2 on CUDA (it only launches)."
+    )
+    kv_slots: int = Field(
+        16, ge=1, description="Conversations the engine holds at once: one preallocated KV cache slot each."
+    )
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="Compile the fast step (CUDA graphs): auto = on CUDA only; done at load, never mid-call."
+    )
+
+    backend: Literal["local", "ray"] = "local"
+    ray_address: str = Field(
+        "auto", description="auto (the running cluster), local (a private one-machine cluster), or host:port."
+    )
+    ray_namespace: str = Field("mimo-voice", description="Ray namespace of the engine actors; one per deployment.")
+    ray_engines: int = Field(1, ge=1, description="Engine actors in the pool (created if missing).")
+    ray_num_gpus: float | None = Field(
+        None, ge=0, description="GPUs per engine actor; empty: 1 if the cluster has any."
+    )
+    ray_num_cpus: float = Field(1.0, ge=0, description="CPUs per engine actor (its torch threads on CPU).")
+    sessions_per_engine: int = Field(4, ge=1, description="Calls one engine takes before placement skips it.")
+    ray_health_timeout_secs: float = Field(
+        3.0, gt=0, description="An engine silent this long (it reports every second) is killed and restarted."
+    )
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: object) -> object:
+        # YAML 1.1 reads a bare on/off as a boolean.
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 class VADSection(Section):
@@ -145,26 +192,6 @@ class ToolsSection(Section):
     worker_memory_mb: int = Field(512, ge=64, description="Address space a tool worker may add after start-up.")
 
 
-class EngineSection(Section):
-    """Where the engine runs: in a worker process of this server (``local``), or as a pool of Ray actors that
-    any number of front-ends share (``ray``, needs the ``ray`` extra)."""
-
-    backend: Literal["local", "ray"] = "local"
-    ray_address: str = Field(
-        "auto", description="auto (the running cluster), local (a private one-machine cluster), or host:port."
-    )
-    ray_namespace: str = Field("mimo-voice", description="Ray namespace of the engine actors; one per deployment.")
-    ray_engines: int = Field(1, ge=1, description="Engine actors in the pool (created if missing).")
-    ray_num_gpus: float | None = Field(
-        None, ge=0, description="GPUs per engine actor; empty: 1 if the cluster has any."
-    )
-    ray_num_cpus: float = Field(1.0, ge=0, description="CPUs per engine actor (its torch threads on CPU).")
-    sessions_per_engine: int = Field(4, ge=1, description="Calls one engine takes before placement skips it.")
-    ray_health_timeout_secs: float = Field(
-        3.0, gt=0, description="An engine silent this long (it reports every second) is killed and restarted."
-    )
-
-
 class LoggingSection(Section):
     level: Literal["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -174,10 +201,10 @@ class Config(Section):
     sampling: dict[str, TaskSampling] = Field(default_factory=default_sampling)
     agent: AgentSection = Field(default_factory=AgentSection)
     streaming: StreamingSection = Field(default_factory=StreamingSection)
+    engine: EngineSection = Field(default_factory=EngineSection)
     vad: VADSection = Field(default_factory=VADSection)
     server: ServerSection = Field(default_factory=ServerSection)
     tools: ToolsSection = Field(default_factory=ToolsSection)
-    engine: EngineSection = Field(default_factory=EngineSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
 
     def sampling_for(self, task: str) -> TaskSampling:

@@ -31,6 +31,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.unit)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` are skipped where torch sees no CUDA device (scripts/gpu-check runs them)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_llm_dir(tmp_path_factory):
     """A random (seed 0) `tiny` MiMo-Audio LLM checkpoint in the official layout: config.json,
@@ -51,14 +63,15 @@ def tiny_tokenizer_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_engine():
-    """The embedded default, ``TestingEngine.load(load_config(None))``: the tiny preset trained on the output format
-    (built once into the cache, ~/.cache/mimo-voice). Shared: close the sessions you open, change no config."""
+    """The embedded default on CPU/float32, ``TestingEngine.load(cpu_config(None))``: the tiny preset trained on the
+    output format (built once into the cache, ~/.cache/mimo-voice). Shared: close the sessions you open, change no
+    config."""
     import asyncio
 
-    from mimo_voice.configs import load_config
     from mimo_voice.streaming.engine.testing import TestingEngine
+    from session_support import cpu_config
 
-    engine = TestingEngine.load(load_config(None))
+    engine = TestingEngine.load(cpu_config(None))
     yield engine
     asyncio.run(engine.aclose())
 

@@ -6,8 +6,18 @@ import contextlib
 
 import numpy as np
 import torch
+from mimo_voice.configs import Config, load_config
 from mimo_voice.streaming.engine.events import AudioChunk, AudioPatch, Event, TextToken, TurnEnd
 from mimo_voice.streaming.engine.testing import TestingEngine
+
+# The suite's engines run on the CPU in float32 whatever the host has: `auto` would pick CUDA and bfloat16 on a GPU
+# host, outside the fp32 tolerances the tests assert. CUDA is tested on purpose, by the tests marked `cuda`.
+CPU_FP32 = ["model.device=cpu", "model.dtype=float32"]
+
+
+def cpu_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """``load_config`` pinned to CPU/float32."""
+    return load_config(path, [*CPU_FP32, *(overrides or [])])
 
 
 class Script:
@@ -102,12 +112,18 @@ def record(conversation, start: int = 0, end: int | None = None):
     return conversation.context.positions(start, end)
 
 
+def response_patches(conversation) -> list[torch.Tensor]:
+    """The audio codes of the last response, as its record holds them."""
+    segment = conversation.last_response.segment
+    return [e.codes for e in conversation.context.entries if e.segment is segment and e.codes is not None]
+
+
 def record_length(conversation) -> int:
     return len(conversation.context)
 
 
 def cache_length(conversation) -> int:
-    return conversation.cache.length
+    return conversation.cached
 
 
 def segment_kinds(conversation) -> list[str]:
@@ -115,16 +131,24 @@ def segment_kinds(conversation) -> list[str]:
 
 
 def cache_tensors(conversation) -> list:
-    return [(layer.keys.clone(), layer.values.clone()) for layer in conversation.cache.dynamic.layers]
+    pool, length = conversation.pool, conversation.cached
+    heads = pool.config.num_key_value_heads
+    layers = [pool.layer(index)[conversation.slot, :, :length] for index in range(pool.config.num_hidden_layers)]
+    return [(kv[:heads].clone(), kv[heads:].clone()) for kv in layers]
 
 
 def one_prefill(conversation, positions):
-    """The text logits and the KV cache of ``positions`` fed at once into a fresh cache."""
-    model = conversation.model
-    cache = model.new_cache()
-    with torch.inference_mode():
-        output = model(*positions.batch(model.device), cache=cache)
-    return output.text_logits.clone(), [(layer.keys.clone(), layer.values.clone()) for layer in cache.dynamic.layers]
+    """The text logits and the KV cache of ``positions`` fed at once into a fresh slot of the engine's pool."""
+    pool, fast = conversation.pool, conversation.fast
+    slot = pool.allocate()
+    try:
+        with torch.inference_mode():
+            output = fast.prefill(slot, positions.text_ids, positions.codes)
+        heads, length = pool.config.num_key_value_heads, len(positions)
+        layers = [pool.layer(index)[slot, :, :length] for index in range(pool.config.num_hidden_layers)]
+        return output.text_logits.clone(), [(kv[:heads].clone(), kv[heads:].clone()) for kv in layers]
+    finally:
+        pool.free(slot)
 
 
 def user_patches(conversation) -> list[torch.Tensor]:
@@ -143,22 +167,22 @@ def response_start(conversation) -> tuple[int, int]:
 
 
 def count_fed_positions(conversation) -> None:
-    """From now on, count the positions fed to the model (see ``fed_positions``)."""
-    model, fed = conversation.model, []
-    forward = type(model).forward
+    """From now on, count the positions prefilled into the cache (see ``fed_positions``)."""
+    fast, fed = conversation.fast, []
+    prefill = type(fast).prefill
 
-    def counting(text_ids, codes, cache=None, all_logits=False):
-        fed.append(text_ids.shape[1])
-        return forward(model, text_ids, codes, cache=cache, all_logits=all_logits)
+    def counting(slot, text_ids, codes):
+        fed.append(text_ids.shape[0])
+        return prefill(fast, slot, text_ids, codes)
 
-    model.forward, model.fed = counting, fed
+    fast.prefill, fast.fed = counting, fed
 
 
 def fed_positions(conversation) -> list[int]:
     """The counts since ``count_fed_positions``, which stops counting."""
-    model = conversation.model
-    fed = model.fed
-    del model.forward, model.fed
+    fast = conversation.fast
+    fed = fast.fed
+    del fast.prefill, fast.fed
     return fed
 
 
@@ -188,13 +212,13 @@ def first_logits(conversation) -> list[tuple[torch.Tensor, int]]:
 
 def context_report(conversation) -> dict:
     """What context management kept: counts per kind, and the last logits next to a one-go prefill's."""
-    context, cache = conversation.context, conversation.cache
+    context, cached = conversation.context, conversation.cached
     users = list(dict.fromkeys(e.segment for e in context.entries if e.segment.kind == "user"))
-    last_logits, _ = one_prefill(conversation, context.positions(0, cache.length))
+    last_logits, _ = one_prefill(conversation, context.positions(0, cached))
     return {
         "compactions": conversation.compactions,
         "length": len(context),
-        "cache_length": cache.length,
+        "cache_length": cached,
         "assistant_text": sum(e.segment.kind == "assistant" and e.codes is None for e in context.entries),
         "user_audio": [len(context.audio_indices(segment)) for segment in users],
         "last_logits": conversation.last_output.text_logits.clone(),

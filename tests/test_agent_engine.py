@@ -15,7 +15,6 @@ from fixtures.speech import spoken as say
 from langchain_core.tools import tool
 from mimo_voice.agent.pipeline import create_worker
 from mimo_voice.agent.vad import create_vad_analyzer
-from mimo_voice.configs import load_config
 from mimo_voice.streaming.engine.events import SAMPLES_PER_PATCH
 from mimo_voice.streaming.engine.testing import TestingEngine
 from mimo_voice.tools import ToolRegistry
@@ -37,12 +36,12 @@ from pipecat.frames.frames import (
 )
 from pipecat.metrics.metrics import LLMUsageMetricsData, TTFBMetricsData
 from pipecat.processors.frame_processor import FrameDirection
-from session_support import Script, speech
+from session_support import Script, cpu_config, speech
 
 
 @pytest.fixture(scope="module")
 def engine():
-    engine = TestingEngine.load(load_config(None))
+    engine = TestingEngine.load(cpu_config(None))
     yield engine
     asyncio.run(engine.aclose())
 
@@ -197,7 +196,7 @@ async def test_noise_that_never_became_a_turn_leaves_no_trace(engine):
 
 
 async def test_create_worker_with_the_real_engine_answers_and_takes_barge_in(engine):
-    config = load_config(None)
+    config = cpu_config(None)
     transport = FakeTransport()
     worker, service = create_worker(transport, config, engine, vad_analyzer=create_vad_analyzer(config.vad))
     harness = Harness(worker=worker)

@@ -38,6 +38,33 @@ def test_missing_unexpected_and_wrong_shape_name_the_key(tmp_path):
         load_weights(_module(), tmp_path / "shape")
 
 
+def test_every_problem_is_reported_at_once(tmp_path):
+    state = _module().state_dict()
+    broken = {k: v for k, v in state.items() if k not in ("1.bias", "1.weight")}
+    save_weights({**broken, "0.weight": torch.zeros(3, 5), "2.extra": torch.zeros(1)}, tmp_path)
+    with pytest.raises(CheckpointError, match=r"4 problems") as error:
+        load_weights(_module(), tmp_path)
+    message = str(error.value)
+    for part in ("missing key '1.bias'", "missing key '1.weight'", "unexpected key '2.extra'", "'0.weight' has shape"):
+        assert part in message
+    assert "missing key '0.weight'" not in message  # present, only misshapen
+
+
+def test_derived_rotary_buffers_are_skipped_with_a_warning(tmp_path):
+    from loguru import logger
+
+    source = _module()
+    save_weights({**source.state_dict(), "model.rotary_emb.inv_freq": torch.ones(4)}, tmp_path)
+    warnings: list[str] = []
+    sink = logger.add(warnings.append, level="WARNING")
+    try:
+        loaded = load_weights(_module(), tmp_path)
+    finally:
+        logger.remove(sink)
+    assert torch.equal(loaded[0].weight, source[0].weight)
+    assert any("rotary_emb.inv_freq" in line and "computed from the config" in line for line in warnings)
+
+
 def test_dtype_conversion_and_kept_float32(tmp_path):
     save_weights(_module().state_dict(), tmp_path)
     module = load_weights(_module(), tmp_path, dtype=torch.bfloat16, keep_dtype=[r"1\..*"])

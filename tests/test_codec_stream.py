@@ -105,6 +105,26 @@ def test_flush_ends_a_response_and_the_next_push_starts_another(tokenizer, codes
     assert decoder.emitted_samples == 0 and decoder.flush().numel() == 0
 
 
+@pytest.mark.parametrize("left, lookahead, frames", [(24, 8, 36), (8, 6, 32), (4, 8, 12)])
+def test_flushed_tail_is_the_last_windows_decode(tokenizer, codes, left, lookahead, frames, monkeypatch):
+    """The held-back look-ahead comes from the last window (its usual left context, ending at the last frame),
+    as upstream's last chunk, without another decode."""
+    codes = codes[:frames]
+    decoder = StreamingDecoder(tokenizer, left, lookahead)
+    for end in range(4, frames - 4 + 1, 4):
+        decoder.push(codes[end - 4 : end])
+    played = max(0, frames - 4 - lookahead)  # returned before the last push
+    decoder.push(codes[frames - 4 :])
+    calls = []
+    original = tokenizer.decode_hidden
+    monkeypatch.setattr(tokenizer, "decode_hidden", lambda hidden: calls.append(1) or original(hidden))
+    tail = decoder.flush()
+    assert not calls and tail.numel() == lookahead * SPF and decoder.emitted_samples == frames * SPF
+    start = max(0, played - left)
+    window = original(tokenizer.quantizer.decode(codes[start:frames])).cpu()
+    torch.testing.assert_close(tail, window[(frames - lookahead - start) * SPF :], atol=1e-6, rtol=1e-6)
+
+
 def test_decoder_accepts_numpy_patches_and_rejects_bad_codes(tokenizer, codes):
     decoder = StreamingDecoder(tokenizer, 24, 0)
     assert decoder.push(codes[:4].numpy()).numel() == 4 * SPF

@@ -93,3 +93,16 @@ def test_bad_override_names_the_key():
         load_config(None, ["agent.mode=sleepy"])
     with pytest.raises(ConfigError, match="not of the form"):
         load_config(None, ["agent.mode"])
+
+
+def test_float16_is_refused_with_the_reason():
+    with pytest.raises(ConfigError, match=r"float16 is not supported.*bfloat16"):
+        load_config(None, ["model.dtype=float16"])
+    assert load_config(None, ["model.dtype=bfloat16"]).model.dtype == "bfloat16"
+
+
+def test_engine_section_threads_and_compile():
+    config = load_config(None, ["engine.threads=1", "engine.compile=off"])
+    assert config.engine.threads == 1 and config.engine.compile == "off"
+    with pytest.raises(ConfigError, match=r"engine\.compile"):
+        load_config(None, ["engine.compile=sometimes"])

@@ -12,7 +12,6 @@ import wave
 import numpy as np
 import pytest
 import torch
-from mimo_voice.configs import load_config
 from mimo_voice.configs.errors import EngineClosed
 from mimo_voice.streaming.engine.engine import Engine, read_voice_prompt
 from mimo_voice.streaming.engine.events import AudioPatch
@@ -26,12 +25,14 @@ from session_support import (
     Script,
     break_feeding,
     collect,
+    cpu_config,
     end_of,
     generating,
     mend_feeding,
     of,
     opened,
     patches_of,
+    response_patches,
     speech,
     voice,
     voice_prompt_part,
@@ -68,17 +69,22 @@ async def test_sessions_share_the_engine_step_by_step_without_sharing_state(tiny
             session.text_hook = Script(script)
             await session.feed_audio(voice(1.0), 16_000)
         a, b = await asyncio.gather(collect(first.respond()), collect(second.respond()))
-    assert end_of(a).reason == end_of(b).reason == "stop"
-    # Interleaved: each response was under way before the other one ended.
-    assert of(a, AudioPatch)[0].time < end_of(b).time and of(b, AudioPatch)[0].time < end_of(a).time
-    # Same seed, same input, separate caches and generators: the same patches.
-    assert all(np.array_equal(x, y) for x, y in zip(patches_of(a), patches_of(b), strict=True))
+        assert end_of(a).reason == end_of(b).reason == "stop"
+        # Interleaved: each response was under way before the other one ended.
+        assert of(a, AudioPatch)[0].time < end_of(b).time and of(b, AudioPatch)[0].time < end_of(a).time
+        # Stepped together, each keeps its own state: its record holds exactly the patches it emitted. (Sampled
+        # rows of one batch share a random stream, so the two replies' patches may differ; the batching tests
+        # compare greedy replies with batch size 1.)
+        for session, events in ((first, a), (second, b)):
+            recorded = await session.inspect(response_patches)
+            assert len(recorded) == len(patches_of(events)) == 15
+            assert all(np.array_equal(x, y.numpy()) for x, y in zip(patches_of(events), recorded, strict=True))
 
 
 @pytest.fixture
 def own_engine():
     """An engine (worker process) of its own, for tests that stop or break it."""
-    engine = TestingEngine.load(load_config(None))
+    engine = TestingEngine.load(cpu_config(None))
     yield engine
     asyncio.run(engine.aclose())
 
@@ -130,7 +136,7 @@ async def test_the_worker_reports_progress_while_it_generates(tiny_engine):
 
 
 async def test_a_production_engine_keeps_the_test_hooks_out():
-    engine = Engine.load(load_config(None))
+    engine = Engine.load(cpu_config(None))
     try:
         session = engine.new_session()
         assert not hasattr(session, "text_hook") and not hasattr(session, "inspect")
@@ -167,7 +173,7 @@ async def test_a_voice_prompt_opens_every_conversation(tmp_path):
         wav.writeframes(np.repeat(voice(1.0), 2).tobytes())
     prompt = read_voice_prompt(path)
     assert prompt.dtype == np.float32 and abs(len(prompt) - 24_000) <= 1
-    engine = TestingEngine.load(load_config(None, [f"agent.voice_prompt_wav={path}"]))
+    engine = TestingEngine.load(cpu_config(None, [f"agent.voice_prompt_wav={path}"]))
     try:
         async with opened(engine) as session:
             voice_part = await session.inspect(voice_prompt_part)
@@ -192,7 +198,7 @@ def test_a_checkpoint_that_does_not_load_is_a_clear_error(tmp_path):
     config["local_layers"] += 1  # the model now wants a patch-decoder layer the checkpoint lacks
     (broken / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"missing key 'local_transformer\.layers"):
-        Engine.load(load_config(None, [f"model.path={broken}", f"model.tokenizer_path={codec}"]))
+        Engine.load(cpu_config(None, [f"model.path={broken}", f"model.tokenizer_path={codec}"]))
 
 
 def test_the_embedded_preset_is_built_once_across_processes_and_threads(tmp_path, monkeypatch):

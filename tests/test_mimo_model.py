@@ -437,3 +437,18 @@ def test_model_info_reports_a_missing_checkpoint(tmp_path, capsys):
     assert cli.main(["model", "info", str(tmp_path)]) == 2  # a MimoVoiceError: one line, exit 2
     err = capsys.readouterr().err
     assert err.startswith("mimo-voice: ") and str(tmp_path) in err and err.count("\n") == 1
+
+
+def test_a_config_without_input_full_attention_is_causal_and_says_so(tiny_llm_dir):
+    from loguru import logger
+
+    data = json.loads((tiny_llm_dir / "config.json").read_text())
+    del data["input_full_attention"]
+    warnings: list[str] = []
+    sink = logger.add(warnings.append, level="WARNING")
+    try:
+        config = MiMoAudioConfig.from_dict(data)
+    finally:
+        logger.remove(sink)
+    assert config.input_full_attention is False
+    assert any("no input_full_attention" in line for line in warnings)

@@ -34,12 +34,21 @@ from mimo_voice.configs import Config
 from mimo_voice.streaming.engine.events import AudioChunk, AudioPatch, TurnEnd
 from mimo_voice.streaming.engine.testing import TestingEngine as Engine
 from mimo_voice.streaming.engine.testing import TestingSession as Session
+from mimo_voice.streaming.model.text_tokenizer import SpecialTokens, load_text_tokenizer
 
 from .report import ProgressBar, Table, add_json_argument, print_tables, summarize, write_json
 
 INPUT_RATE = 16_000
 PIECE = INPUT_RATE // 50  # 20 ms, as WebRTC delivers it
 MAX_TURN_RATIO = 1.2
+# The end of the turn by stage, as the worker times them (TurnEnd timings): what lies between respond() and the
+# first audio patch, then that patch's PCM.
+STAGES = (
+    ("last_encode_ms", "last encode (the rest of the user's audio)"),
+    ("last_prefill_ms", "last prefill (last user patches + closing tokens + assistant prefix, one forward)"),
+    ("first_step_ms", "first step (text head + patch decoder)"),
+    ("first_decode_ms", "first decode (the first patch to PCM)"),
+)
 HOP_COLUMNS = ["local pipe", "ray", "added"]
 BENCH_ENGINE = "mimo-bench-engine"
 # docs/mimo_audio.md §11: the official implementation, 2-core CPU, fp32, greedy, audio forced (medians of 5 runs).
@@ -65,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mimo-voice bench engine", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--preset",
-        choices=("tiny", "small"),
+        choices=("tiny", "small", "real7b"),
         help="embedded preset (default: model.preset); ignored when model.path is set",
     )
     parser.add_argument("--device", help="cpu, cuda, cuda:N (default: model.device)")
@@ -79,8 +88,29 @@ def build_parser() -> argparse.ArgumentParser:
         default="local",
         help="ray: also on an engine actor, with the Ray hop's cost next to the local pipe's (default: local)",
     )
+    parser.add_argument("--threads", type=int, help="torch threads of the engine process (default: engine.threads)")
+    parser.add_argument(
+        "--sessions",
+        type=_session_counts,
+        default=[],
+        metavar="LIST",
+        help="also measure N conversations replying at once (stepped together), for each N of a list like 1,2,4,8",
+    )
+    parser.add_argument(
+        "--profile-ops", action="store_true", help="count ATen ops and host reads per audio group, by part"
+    )
     add_json_argument(parser)
     return parser
+
+
+def _session_counts(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected a list of positive session counts like 1,2,4,8, got {text!r}")
+    return counts
 
 
 def speech_like(seconds: float, seed: int) -> np.ndarray:
@@ -95,8 +125,8 @@ def speech_like(seconds: float, seed: int) -> np.ndarray:
 class ForcedAudio:
     """``text_hook``: every position is an audio patch, then ``<|eostm|>``."""
 
-    def __init__(self, engine: Engine, patches: int) -> None:
-        self.script = [engine.special.empty] * patches + [engine.special.eostm]
+    def __init__(self, special: SpecialTokens, patches: int) -> None:
+        self.script = [special.empty] * patches + [special.eostm]
 
     def __call__(self, tokens: list[int]) -> int:
         return self.script[min(len(tokens), len(self.script) - 1)]
@@ -133,12 +163,13 @@ async def _turn(session: Session, audio: np.ndarray) -> dict[str, Any]:
         "step_ms": steps,
         "group_ms": steps - end.timings["ms_pcm_per_patch"],
         "delivery_ms": deliveries,
+        **{stage: end.timings.get(stage) for stage, _ in STAGES},
     }
 
 
 async def _conversation(engine: Engine, args: argparse.Namespace, run: int, progress: ProgressBar) -> list[dict]:
     session = engine.new_session()
-    session.text_hook = ForcedAudio(engine, args.patches)
+    session.text_hook = ForcedAudio(engine.special, args.patches)
     try:
         turns = []
         for turn in range(args.turns):
@@ -147,6 +178,36 @@ async def _conversation(engine: Engine, args: argparse.Namespace, run: int, prog
         return turns
     finally:
         await session.close()
+
+
+async def _together(engine: Engine, args: argparse.Namespace, count: int, run: int) -> list[dict]:
+    """``count`` conversations whose replies are generated at the same time: each one's TurnEnd timings."""
+    sessions = [engine.new_session() for _ in range(count)]
+    try:
+        for index, session in enumerate(sessions):
+            session.text_hook = ForcedAudio(engine.special, args.patches)
+            audio = speech_like(args.user_secs, seed=run * 1000 + index)
+            for start in range(0, len(audio), PIECE):
+                await session.feed_audio(audio[start : start + PIECE], INPUT_RATE)
+        await asyncio.gather(*(session.caught_up() for session in sessions))
+        began = time.perf_counter()
+        ends = await asyncio.gather(*(_reply_end(session) for session in sessions))
+        wall = max(end.time for end in ends) - began
+    finally:
+        await asyncio.gather(*(session.close() for session in sessions))
+    for end in ends:
+        if end.reason != "stop":
+            raise RuntimeError(f"a benchmark reply ended with {end.reason}: {end.error}")
+    return [dict(end.timings, wall_s=wall) for end in ends]
+
+
+async def _reply_end(session: Session) -> TurnEnd:
+    end = None
+    async for event in session.respond():
+        if isinstance(event, TurnEnd):
+            end = event
+    assert end is not None
+    return end
 
 
 async def _measure_on_ray(config: Config, args: argparse.Namespace) -> list[list[dict]]:
@@ -159,7 +220,8 @@ async def _measure_on_ray(config: Config, args: argparse.Namespace) -> list[list
     if lease is None:
         raise RuntimeError(pool.busy_message())
     try:
-        return await _measure(lease.engine, args)  # type: ignore[arg-type]  # a TestingRemoteEngine
+        runs, _ = await _measure(lease.engine, args)  # type: ignore[arg-type]  # a TestingRemoteEngine
+        return runs
     finally:
         lease.release()
         await pool.aclose()
@@ -179,12 +241,64 @@ def _hop_table(local: dict, ray: dict) -> Table:
     return table
 
 
-async def _measure(engine: Engine, args: argparse.Namespace) -> list[list[dict]]:
+async def _measure(engine: Engine, args: argparse.Namespace) -> tuple[list[list[dict]], dict[int, list[list[dict]]]]:
+    steps = args.runs * (args.turns + len(args.sessions))
     try:
-        with ProgressBar(args.runs * args.turns, "bench engine") as progress:
-            return [await _conversation(engine, args, run, progress) for run in range(args.runs)]
+        with ProgressBar(steps, "bench engine") as progress:
+            runs = [await _conversation(engine, args, run, progress) for run in range(args.runs)]
+            together: dict[int, list[list[dict]]] = {}
+            for count in args.sessions:
+                for run in range(args.runs):
+                    together.setdefault(count, []).append(await _together(engine, args, count, run))
+                    progress.advance(note=f"{count} sessions, run {run + 1}")
+            return runs, together
     finally:
         await engine.aclose()
+
+
+def _by_sessions(together: dict[int, list[list[dict]]], patches: int) -> list[dict]:
+    """Per session count: audio groups per second over all sessions, and each session's ms per group and RTF."""
+    entries = []
+    for count, runs in together.items():
+        replies = [reply for run in runs for reply in run]
+        rates = [count * patches / run[0]["wall_s"] for run in runs]
+        entries.append(
+            {
+                "sessions": count,
+                "aggregate_groups_per_s": summarize(rates)["p50"],
+                "per_group_ms_p50": summarize(1000 * r["generation_s"] / r["steps"] for r in replies)["p50"],
+                "rtf_p50": summarize(r["rtf"] for r in replies)["p50"],
+                "rtf_max": summarize(r["rtf"] for r in replies)["max"],
+            }
+        )
+    return entries
+
+
+def _sessions_table(entries: list[dict]) -> Table:
+    table = Table(
+        "sessions replying at once (stepped together)",
+        ["sessions", "aggregate groups/s", "x one session", "per group ms p50", "RTF p50", "RTF max"],
+    )
+    base = entries[0]["aggregate_groups_per_s"] if entries and entries[0]["sessions"] == 1 else None
+    for entry in entries:
+        speedup = entry["aggregate_groups_per_s"] / base if base else None
+        table.add_row(
+            entry["sessions"],
+            entry["aggregate_groups_per_s"],
+            speedup,
+            entry["per_group_ms_p50"],
+            entry["rtf_p50"],
+            entry["rtf_max"],
+        )
+    return table
+
+
+def _ops_table(profile: dict) -> Table:
+    table = Table("ATen ops per audio group (dispatch mode)", ["part", "ops", "host reads"])
+    for part, ops in profile["ops_per_group"].items():
+        table.add_row(part, ops, profile["host_reads_per_group"][part])
+    table.add_row("total", profile["ops_per_group_total"], profile["host_reads_per_group_total"])
+    return table
 
 
 def _tables(runs: list[list[dict]], preset: str | None, describe: str) -> tuple[list[Table], dict]:
@@ -204,6 +318,7 @@ def _tables(runs: list[list[dict]], preset: str | None, describe: str) -> tuple[
         "first_pcm_turn1_s": summarize(t["first_pcm_s"] for t in first),
         "first_pcm_last_turn_s": summarize(t["first_pcm_s"] for t in last),
         "last_turn_over_turn1": summarize(ratio),
+        **{stage: summarize(t[stage] for t in every) for stage, _ in STAGES},
         "delivery_ms": summarize(ms for t in every for ms in t["delivery_ms"]),
     }
     turns = len(runs[0])
@@ -222,6 +337,7 @@ def _tables(runs: list[list[dict]], preset: str | None, describe: str) -> tuple[
         ("end of turn -> first PCM, turn 1 (s)", "first_pcm_turn1_s", official.get("first_pcm_s")),
         (f"end of turn -> first PCM, turn {turns} (s)", "first_pcm_last_turn_s", None),
         (f"first PCM, turn {turns} / turn 1 (must be <= {MAX_TURN_RATIO})", "last_turn_over_turn1", None),
+        *((f"end of turn, stage: {label} (ms)", stage, None) for stage, label in STAGES),
         ("worker -> session, per audio patch (ms)", "delivery_ms", None),
     ]
     table = Table(f"bench engine: {describe}", ["metric", "p50", "p90", "official"])
@@ -232,25 +348,38 @@ def _tables(runs: list[list[dict]], preset: str | None, describe: str) -> tuple[
 
 def main(config: Config, argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    if min(args.runs, args.turns, args.patches) < 1 or args.user_secs <= 0:
-        print("mimo-voice bench engine: --runs, --turns, --patches and --user-secs must be positive")
+    if (
+        min(args.runs, args.turns, args.patches) < 1
+        or args.user_secs <= 0
+        or (args.threads is not None and args.threads < 1)
+    ):
+        print("mimo-voice bench engine: --runs, --turns, --patches, --threads and --user-secs must be positive")
         return 2
     if args.preset:
         config.model.preset = args.preset
     if args.device:
         config.model.device = args.device
-    engine = Engine.load(config)
+    if args.threads:
+        config.engine.threads = args.threads
     preset = None if config.model.path else config.model.preset
     describe = (
         f"{preset or config.model.path}, device {config.model.device}, dtype {config.model.dtype}, "
-        f"{args.runs} runs x {args.turns} turns x {args.patches} patches"
+        f"{config.engine.threads or 'default'} threads, {args.runs} runs x {args.turns} turns x {args.patches} patches"
     )
-    runs = asyncio.run(_measure(engine, args))
+    profile = _profile(config, args) if args.profile_ops else None
+    engine = Engine.load(config)
+    runs, together = asyncio.run(_measure(engine, args))
     tables, payload = _tables(runs, preset, describe)
     if args.backend == "ray":
         ray_tables, ray_payload = _tables(asyncio.run(_measure_on_ray(config, args)), preset, f"{describe}, on Ray")
         tables += [*ray_tables, _hop_table(payload, ray_payload)]
         payload = {**payload, "ray": ray_payload}
+    payload["by_sessions"] = _by_sessions(together, args.patches)
+    if together:
+        tables.append(_sessions_table(payload["by_sessions"]))
+    if profile is not None:
+        payload["ops"] = profile
+        tables.append(_ops_table(profile))
     print_tables(tables)
     if args.json:
         write_json(args.json, payload, command="bench engine", tables=tables)
@@ -259,3 +388,22 @@ def main(config: Config, argv: list[str]) -> int:
         print(f"first PCM at the last turn is {ratio:.2f}x turn 1's: more than {MAX_TURN_RATIO}x")
         return 1
     return 0
+
+
+def _profile(config: Config, args: argparse.Namespace) -> dict:
+    """Op counts in this process, at the engine's thread count (its worker process is not started yet)."""
+    import torch
+    from mimo_voice.streaming.engine.worker import engine_threads
+    from mimo_voice.streaming.model.checkpoint import pick_device
+
+    from .ops import checkpoint_paths, profile_ops
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(engine_threads(config, pick_device(config.model.device)))
+    try:
+        script = ForcedAudio(
+            SpecialTokens.from_tokenizer(load_text_tokenizer(checkpoint_paths(config)[0])), args.patches
+        )
+        return profile_ops(config, speech_like(args.user_secs, seed=0), INPUT_RATE, script)
+    finally:
+        torch.set_num_threads(threads)

@@ -17,16 +17,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from mimo_voice.configs.schema import SamplerParams
 from mimo_voice.streaming.model.configuration_mimo_audio import MiMoAudioConfig
 from mimo_voice.streaming.model.fast import FastMiMoAudio, HeadPrecision
 from mimo_voice.streaming.model.kv_pool import KVPool
 from mimo_voice.streaming.model.modeling_mimo_audio import MiMoAudioForCausalLM
 from mimo_voice.streaming.model.profiling import OpCounts, count_call
-from mimo_voice.streaming.model.sampling import Sampler
+from mimo_voice.streaming.model.sampling import Sampler, SamplingParams
 from mimo_voice.streaming.model.text_tokenizer import SpecialTokens
 
-GREEDY = SamplerParams(do_sample=False)
+GREEDY = SamplingParams(do_sample=False)
 CONTEXT = 64  # positions already in the cache before the timed groups
 GROUP_MS = 160.0
 SPECIAL = SpecialTokens(

@@ -63,6 +63,8 @@ class StreamingDecoder:
         self._frames = 0  # frames pushed
         self._played = 0  # frames whose audio was returned
         self._flushed = False
+        self._held: Tensor | None = None  # the last window's audio after the frames it returned
+        self._held_from = 0  # the response frame index where _held starts
         self.emitted_samples = 0
 
     @torch.inference_mode()
@@ -77,17 +79,28 @@ class StreamingDecoder:
 
     @torch.inference_mode()
     def flush(self) -> Tensor:
-        """The audio of every frame not yet returned, decoded without further look-ahead."""
-        pcm = self._emit(self._frames) if self._frames > self._played else _empty_pcm()
+        """The audio of every frame not yet returned: the held-back look-ahead frames as the last window decoded
+        them (as upstream's last chunk: the usual left context, the window ending at the last frame), so the
+        tail costs no decode, and is not re-decoded in a shorter window with less left context."""
+        if self._frames == self._played:
+            pcm = _empty_pcm()
+        elif self._held is not None and self._held_from == self._played:
+            pcm, self._played = self._held, self._frames
+            self.emitted_samples += pcm.numel()
+        else:  # no window reached the last frame yet: decode that window now
+            pcm = self._emit(self._frames)
+        self._held = None
         self._flushed = True
         return pcm
 
     def _emit(self, until: int) -> Tensor:
-        """Decode the window around frames ``[played, until)`` and return their audio."""
+        """Decode the window around frames ``[played, until)`` and return their audio; the audio of the frames
+        after ``until`` (the look-ahead) is kept for :meth:`flush`."""
         start = max(self._first_cached, self._played - self.left_context_frames)
         wav = self.tokenizer.decode_hidden(self._hidden[start - self._first_cached :])
         spf = self.tokenizer.samples_per_frame
         pcm = wav[(self._played - start) * spf : (until - start) * spf].cpu()
+        self._held, self._held_from = wav[(until - start) * spf :].cpu(), until
         self._played = until
         self.emitted_samples += pcm.numel()
         drop = self._played - self.left_context_frames - self._first_cached

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from loguru import logger
 from mimo_voice.streaming.model.audio import Resampler
+from mimo_voice.streaming.model.fast import StepOutput
 from mimo_voice.streaming.model.prompts import Positions, frames_to_patches, task_format
 from mimo_voice.streaming.model.sampling import Sampler, SamplingParams
 
@@ -111,8 +112,9 @@ class Conversation:
             special.endoftext,
         }
         self.context = Context(special.empty, self.builder.empty_row, self.model.config.group_size)
-        self.cache = self.model.new_cache()
-        self.last_output = None
+        self.fast, self.pool = worker.fast, worker.pool
+        self.slot: int | None = self.pool.allocate()  # this conversation's KV cache in the worker's pool
+        self.last_output: StepOutput | None = None
         self.system_prompt = system_prompt or None  # goes into the first user turn
         self.user: UserTurn | None = None
         self.deferred: list[tuple[Positions, Segment]] = []  # text injected while a response was generated
@@ -128,29 +130,49 @@ class Conversation:
 
     # --- the KV cache ---
 
-    def sync(self):
+    @property
+    def cached(self) -> int:
+        """Positions of the record the KV cache holds (always its first ones)."""
+        return self.pool.length(self.slot)
+
+    def sync(self) -> StepOutput | None:
         """Feeds the positions of the record the cache does not hold yet; returns the last position's output."""
-        dropped = self._manage_context()
-        began = time.perf_counter()
-        for begin in range(self.cache.length, len(self.context), PREFILL_CHUNK):
-            text_ids, codes = self.context.positions(begin, begin + PREFILL_CHUNK).batch(self.model.device)
-            self.last_output = self.model(text_ids, codes, cache=self.cache)
-        if dropped:
-            logger.info(
-                f"context management: dropped {dropped} old audio positions and rebuilt the cache from the "
-                f"{len(self.context)} kept in {time.perf_counter() - began:.3f} s"
-            )
+        while not self.catch_up():
+            pass
         return self.last_output
+
+    def catch_up(self) -> bool:
+        """Feeds at most one chunk of the positions the cache lacks (after context management, when needed);
+        True once it holds them all. A response being generated catches up one chunk per step phase, so
+        rebuilding a long context never stalls the other sessions' responses."""
+        dropped = self._manage_context()
+        begin = self.cached
+        if begin < len(self.context):
+            end = min(begin + PREFILL_CHUNK, len(self.context))
+            began = time.perf_counter()
+            positions = self.context.positions(begin, end)  # on the CPU: ids are checked there, without a sync
+            self.last_output = self.fast.prefill(self.slot, positions.text_ids, positions.codes)
+            if dropped:
+                logger.info(
+                    f"context management: dropped {dropped} old audio positions; rebuilding the cache from the "
+                    f"{len(self.context)} kept, {PREFILL_CHUNK} a step ({time.perf_counter() - began:.3f} s each)"
+                )
+        return self.cached == len(self.context)
+
+    def ready_to_step(self) -> bool:
+        """After a generated position was added to the record: whether the cache lacks exactly that position
+        (False when context management just compacted the record: the cache is then rebuilt by ``catch_up``)."""
+        return not self._manage_context() and self.cached == len(self.context) - 1
 
     def _truncate(self, length: int):
         tail = self.context.truncate(length)
-        if self.cache.length > length:
-            self.cache.truncate(length)
+        if self.cached > length:
+            self.pool.truncate(self.slot, length)
         return tail
 
     def _manage_context(self) -> int:
         """Near the window's end, drops old audio down to half the window; the cache is then rebuilt (by
-        :meth:`sync`) from what is kept. Returns how many positions were dropped."""
+        :meth:`catch_up`) from what is kept. Returns how many positions were dropped."""
         streaming = self.config.streaming
         if len(self.context) <= streaming.max_context_positions - streaming.context_headroom_positions:
             return 0
@@ -158,7 +180,7 @@ class Conversation:
             target=streaming.max_context_positions // 2, protected=streaming.max_context_positions // 4
         )
         if dropped:  # else everything left is pinned or recent: nothing to gain from a rebuild
-            self.cache = self.model.new_cache()
+            self.pool.truncate(self.slot, 0)
             self.compactions += 1
         return dropped
 
@@ -188,21 +210,27 @@ class Conversation:
         self.user.pending.append(self.builder.user_open(self.system_prompt) + self.builder.tokens([self.special.sosp]))
         return self.user
 
-    def _flush_user(self) -> None:
-        """Moves the open user turn's positions into the context and cache, unless a response is being generated."""
+    def _flush_user(self, feed: bool = True) -> None:
+        """Moves the open user turn's positions into the context and (with ``feed``) the cache, unless a response
+        is being generated."""
         if self.generation is not None or self.user is None or not self.user.pending:
             return
         for positions in self.user.pending:
             self.context.append(positions, self.user.segment)
         self.user.pending.clear()
-        self.sync()
+        if feed:
+            self.sync()
 
-    def _close_user_turn(self) -> None:
+    def _close_user_turn(self, stages: dict[str, float]) -> None:
+        """Encodes the rest of the user's audio and puts it in the record; the caller feeds it with what follows
+        (the assistant prefix), in one forward."""
         user = self.user
+        began = time.perf_counter()
         patches = user.finish()
+        stages["last_encode_ms"] = 1000 * (time.perf_counter() - began)
         end = self.builder.tokens([self.special.eosp]) + self.builder.user_close()
         user.pending.append(self.builder.audio(patches) + end)
-        self._flush_user()
+        self._flush_user(feed=False)
         self.user = None
         self.system_prompt = None
         self._record(Turn("user", "", audio_seconds=user.samples / SAMPLE_RATE))
@@ -258,12 +286,15 @@ class Conversation:
             error, self.error = self.error, None
             sink(TurnEnd("error", error=error, time=time.perf_counter()))
             return
+        stages = {"last_encode_ms": 0.0}
         if self.user is not None:
-            self._close_user_turn()
+            self._close_user_turn(stages)
         segment = Segment("assistant")
         prefix = self.builder.assistant_prefix(self.format.output, thinking=mode == "thinking")
         self.context.append(prefix, segment)
-        first = self.sync()
+        began = time.perf_counter()
+        first = self.sync()  # the user's last patches, their closing tokens and the prefix: one forward
+        stages["last_prefill_ms"] = 1000 * (time.perf_counter() - began)
         generation = Generation(
             self,
             segment,
@@ -274,6 +305,7 @@ class Conversation:
             sink=sink,
             first=first,
         )
+        generation.timings.update(stages)
         self.generation = self.last_response = generation
         self.closure = None
         self.worker.activate(generation)
@@ -330,7 +362,9 @@ class Conversation:
         if self.generation is not None:
             self.generation.finish("cancelled")
         self.user = None
-        self.cache = self.model.new_cache()
+        if self.slot is not None:
+            self.pool.free(self.slot)
+            self.slot = None
 
     def _record(self, turn: Turn) -> None:
         self.history.append(turn)

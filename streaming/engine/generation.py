@@ -1,10 +1,10 @@
 """One assistant response in progress: the request state the engine's step loop advances one LLM
-position at a time (:meth:`Generation.step`), in the engine's worker process.
+position at a time, in the engine's worker process (the batched phases are in :mod:`.scheduler`).
 
 Each step follows upstream's generation loop: the text head picks the next token (or a forced one:
 the thinking budget's ``</think>``, the ``<|sostm|>`` that opens speech, a test's ``text_hook``);
 ``<|empty|>`` inside a speech stream means an audio patch, which the patch decoder writes; the new
-position goes into the KV cache; then the token is routed:
+position goes into the record and is routed, then into the KV cache:
 
 - thinking text (``<think>\\n`` ... ``</think>``) -> ``TextToken(thinking=True)``, never spoken;
 - answer text -> the tool-call filter -> ``TextToken`` / withheld ``<tool_call>`` -> ``ToolCallText``;
@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from mimo_voice.streaming.model.audio import float_to_pcm16
 from mimo_voice.streaming.model.prompts import THINK_CLOSE, Output
@@ -29,7 +30,7 @@ from .events import SAMPLES_PER_PATCH, AudioChunk, AudioPatch, Event, TextToken,
 from .text_stream import Detokenizer, SpokenToken, ToolCallFilter, heard_text
 
 if TYPE_CHECKING:
-    from mimo_voice.streaming.model.modeling_mimo_audio import MiMoAudioOutput
+    from mimo_voice.streaming.model.fast import StepOutput
 
     from .conversation import Conversation
 
@@ -48,7 +49,7 @@ class Generation:
         thinking: bool,
         started: float,
         sink: Callable[[Event], None],
-        first: MiMoAudioOutput,
+        first: StepOutput,
     ) -> None:
         self.conv = conversation
         self.segment = segment
@@ -74,6 +75,7 @@ class Generation:
         self.timings: dict[str, float] = {"prefill_s": time.perf_counter() - started}
         self._step_time = {"audio": 0.0, "text": 0.0}
         self._pcm_time = 0.0  # of which streaming decode
+        self._undecoded: deque[np.ndarray] = deque()  # released patches whose PCM comes after the backbone step
         self._step_count = {"audio": 0, "text": 0}
         self._generation_start = time.perf_counter()
 
@@ -81,57 +83,11 @@ class Generation:
     def done(self) -> bool:
         return self.reason is not None
 
-    # --- one step ---
+    # --- one step, in phases driven by the worker's scheduler (:mod:`.scheduler`) for every row at once ---
 
-    def step(self) -> None:
-        if self.cancel_requested:
-            self.finish("cancelled")
-            return
-        begin = time.perf_counter()
-        token = self._next_token()
-        if token in self._stop_ids():
-            self.finish("stop")
-            return
-        conv = self.conv
-        is_patch = token == conv.special.empty
-        if is_patch and self.phase != "stream":  # only a text_hook can do this; the sampler bans it
-            raise ValueError("<|empty|> (an audio patch) forced outside a speech stream")
-        if is_patch:
-            codes = conv.model.decode_patch(self.last.local_in, conv.audio_sampler, conv.generator)[0]
-            positions = conv.builder.audio(codes[None])
-        else:
-            positions = conv.builder.tokens([token])
-        conv.context.append(positions, self.segment)
-        self.last = conv.sync()
-        self.tokens.append(token)
-        if is_patch:
-            self._route_patch(positions.codes[0])
-        else:
-            self._route_token(token)
-        kind = "audio" if is_patch else "text"
-        self._step_time[kind] += time.perf_counter() - begin
-        self._step_count[kind] += 1
-        if self.filter.call is not None:
-            self.finish("tool_call")
-        elif len(self.tokens) >= conv.config.agent.max_new_groups and not self.done:
-            self.finish("length")
-
-    def _stop_ids(self) -> set[int]:
-        special = self.conv.special
-        stops = {special.im_end, special.endoftext}
-        return stops | {special.eostm} if self.output == "speech" else stops
-
-    def _banned(self) -> list[int]:
-        special = self.conv.special
-        if self.phase == "stream":
-            return [special.sostm]  # a stream opens once
-        banned = [special.empty, special.eot, special.eostm]
-        if self.phase == "thinking":  # a thought is followed by an answer: no stopping inside the block
-            banned += [special.im_end, special.endoftext]
-        # Speech may open from thinking (the model skipping </think>); text output never opens a stream.
-        return banned + [special.sostm] * (self.output == "text")
-
-    def _next_token(self) -> int:
+    def forced_token(self) -> int | None:
+        """This step's token when it is forced (the thinking budget's tag, ``<|sostm|>``, a ``text_hook``);
+        None: the text head samples it."""
         if self.forced:
             return self.forced.popleft()
         hook = self.conv.text_hook
@@ -139,8 +95,54 @@ class Generation:
             forced = hook(list(self.tokens))
             if forced is not None:
                 return int(forced)
-        logits = self.last.text_logits
-        return int(self.conv.text_sampler.sample(logits, self._banned(), self.conv.generator)[0])
+        return None
+
+    def accept(self, token: int) -> bool:
+        """Starts the step with ``token``; False when the token ends the response (it is then not fed)."""
+        if token in self._stop_ids():
+            self.finish("stop")
+            return False
+        if token == self.conv.special.empty and self.phase != "stream":  # only a text_hook can; the sampler bans it
+            raise ValueError("<|empty|> (an audio patch) forced outside a speech stream")
+        return True
+
+    def record(self, token: int, codes: torch.Tensor | None) -> None:
+        """Appends the new position (``codes`` [group, channels] on the CPU for a patch) to the record and
+        routes it: events go out now, before the backbone step; the patch's PCM is decoded by
+        :meth:`decode_audio` after it."""
+        conv = self.conv
+        positions = conv.builder.audio(codes[None]) if codes is not None else conv.builder.tokens([token])
+        conv.context.append(positions, self.segment)
+        self.tokens.append(token)
+        if codes is not None:
+            self._route_patch(codes)
+        else:
+            self._route_token(token)
+        if self.filter.call is not None:
+            self.finish("tool_call")
+        elif len(self.tokens) >= conv.config.agent.max_new_groups and not self.done:
+            self.finish("length")
+
+    def account(self, kind: str, seconds: float) -> None:
+        """Adds one step of ``kind`` (audio or text) that took ``seconds`` to the timings."""
+        self._step_time[kind] += seconds
+        self._step_count[kind] += 1
+
+    def banned(self) -> tuple[int, ...]:
+        """Text ids the text head must not sample in the current phase."""
+        special = self.conv.special
+        if self.phase == "stream":
+            return (special.sostm,)  # a stream opens once
+        banned = [special.empty, special.eot, special.eostm]
+        if self.phase == "thinking":  # a thought is followed by an answer: no stopping inside the block
+            banned += [special.im_end, special.endoftext]
+        # Speech may open from thinking (the model skipping </think>); text output never opens a stream.
+        return (*banned, *[special.sostm] * (self.output == "text"))
+
+    def _stop_ids(self) -> set[int]:
+        special = self.conv.special
+        stops = {special.im_end, special.endoftext}
+        return stops | {special.eostm} if self.output == "speech" else stops
 
     # --- routing ---
 
@@ -174,7 +176,7 @@ class Generation:
             self.phase = "text"
 
     def _route_patch(self, codes: torch.Tensor) -> None:
-        event = AudioPatch(codes.cpu().numpy(), index=-1, time=time.perf_counter())
+        event = AudioPatch(codes.numpy(), index=-1, time=time.perf_counter())
         self._release(self.filter.push(event))
 
     def _release(self, events: list[Event]) -> None:
@@ -189,11 +191,21 @@ class Generation:
         index = self.released_patches
         self.released_patches += 1
         self._emit(AudioPatch(event.codes, index=index, time=event.time))
-        began = time.perf_counter()
-        self.timings.setdefault("first_patch_s", began - self.started)
-        pcm = self.decoder.push(torch.as_tensor(event.codes, device=self.conv.codec.device))
-        self._pcm_time += time.perf_counter() - began
-        self._emit_pcm(pcm)
+        now = time.perf_counter()
+        if "first_patch_s" not in self.timings:
+            self.timings["first_patch_s"] = now - self.started
+            self.timings["first_step_ms"] = 1000 * (now - self._generation_start)
+        self._undecoded.append(event.codes)
+
+    def decode_audio(self) -> None:
+        """Streams the released patches not decoded yet to PCM (``AudioChunk``)."""
+        while self._undecoded:
+            began = time.perf_counter()
+            pcm = self.decoder.push(torch.as_tensor(self._undecoded.popleft(), device=self.conv.codec.device))
+            elapsed = time.perf_counter() - began
+            self.timings.setdefault("first_decode_ms", 1000 * elapsed)
+            self._pcm_time += elapsed
+            self._emit_pcm(pcm)
 
     def _emit_pcm(self, pcm: torch.Tensor) -> None:
         if pcm.numel() == 0:
@@ -225,6 +237,7 @@ class Generation:
                 self._emit(call)
                 reason = "tool_call"
             if self.decoder is not None:
+                self.decode_audio()
                 self._emit_pcm(self.decoder.flush())
         self.reason = reason
         try:

@@ -9,15 +9,14 @@ KV cache, codec streams) is a *request state*; a response being generated is an 
 (:class:`~.generation.Generation`). The worker loops::
 
     run every queued job, in arrival order      (short: a few patches of prefill, a cache cut)
-    advance every active request by one position (round robin)
+    advance every active request by one position (one batch)
     (block on the pipe when nothing is active)
 
 so several sessions share the device fairly, a cancel takes effect before the next step, and user audio
-arriving for one session is prefilled between the steps of another. Today each active request is stepped
-at batch size 1. The step phase is the batching seam: the active requests are independent ("sample from
-my last logits, feed one position"), so a batched engine stacks them into one backbone forward of [B, 1]
-positions over per-request caches (a padded or paged KV layout, positions per row) and one patch-decoder
-call of batch B (``decode_patch`` already takes [B, local_dim]), without changing the Session API.
+arriving for one session is prefilled between the steps of another. The step phase is batched
+(:mod:`.scheduler`): every active request is a row of one backbone step over the worker's KV pool (one slot per
+conversation, rows at different lengths) and of one patch-decoder call, through the fast hot path
+(:class:`~mimo_voice.streaming.model.fast.FastMiMoAudio`).
 
 Messages are the dataclasses of :mod:`.protocol`; :meth:`Worker.dispatch` maps each request type to the
 conversation's job. The worker also sends a :class:`~.protocol.Heartbeat` while it generates, so the main
@@ -41,9 +40,12 @@ from loguru import logger
 from mimo_voice.configs import Config
 from mimo_voice.configs.logging import setup_logging
 from mimo_voice.streaming.model.checkpoint import pick_device, pick_dtype
+from mimo_voice.streaming.model.fast import FastMiMoAudio
+from mimo_voice.streaming.model.kv_pool import KVPool
 from mimo_voice.streaming.model.modeling_audio_tokenizer import load_audio_tokenizer
 from mimo_voice.streaming.model.modeling_mimo_audio import load_mimo_audio
 from mimo_voice.streaming.model.prompts import PromptBuilder, frames_to_patches
+from mimo_voice.streaming.presets.real7b import random_on_device
 
 from .conversation import Conversation
 from .events import Event
@@ -76,6 +78,7 @@ from .protocol import (
     Stop,
     Stopped,
 )
+from .scheduler import StepScheduler
 
 
 class Worker:
@@ -96,7 +99,10 @@ class Worker:
         self.testing = testing
         device = pick_device(config.model.device)
         dtype = pick_dtype(config.model.dtype, device)
-        self.model, self.tokenizer, self.special = load_mimo_audio(llm_path, device=device, dtype=dtype)
+        if config.model.path is None and config.model.preset == "real7b":
+            self.model, self.tokenizer, self.special = random_on_device(llm_path, device, dtype, config.model.seed)
+        else:
+            self.model, self.tokenizer, self.special = load_mimo_audio(llm_path, device=device, dtype=dtype)
         self.codec = load_audio_tokenizer(codec_path, device=device, dtype=dtype)
         self.builder = PromptBuilder(
             self.tokenizer, self.special, self.model.config.speech_empty_ids, self.model.config.group_size
@@ -106,6 +112,13 @@ class Worker:
             with torch.inference_mode():
                 frames = self.codec.encode(torch.from_numpy(voice_prompt).to(device)).cpu()
             self.voice_patches = frames_to_patches(frames, self.model.config.group_size)
+        self.pool = KVPool(
+            self.model.config, config.engine.kv_slots, config.streaming.max_context_positions, device, dtype
+        )
+        self.fast = FastMiMoAudio(self.model, self.pool, compile=config.engine.compile)
+        config_ = self.model.config
+        empty_codes = torch.tensor(config_.speech_empty_ids, device=device).expand(config_.group_size, -1)
+        self.scheduler = StepScheduler(self.fast, config_.vocab_size, empty_codes.contiguous(), self.special.empty)
         self.conversations: dict[int, Conversation] = {}
         self.active: list[Generation] = []
         self.steps = 0  # step rounds run, reported in heartbeats
@@ -200,14 +213,8 @@ class Worker:
         self.connection.send(Heartbeat(self.steps, len(self.active)))
 
     def _step_all(self) -> None:
-        """One position for every active response: the place where a batched step would go."""
-        for generation in self.active:
-            if not generation.done:
-                try:
-                    generation.step()
-                except Exception as exc:
-                    logger.exception("generation step failed")
-                    generation.finish("error", error=f"{type(exc).__name__}: {exc}")
+        """One position for every active response, as one batch (:mod:`.scheduler`)."""
+        self.scheduler.step(self.active)
         self.active = [generation for generation in self.active if not generation.done]
 
     def _shutdown(self) -> None:
@@ -227,10 +234,21 @@ def _portable(exc: Exception) -> Exception:
 
 def _setup(config: Config) -> None:
     setup_logging(config.logging.level)
-    if pick_device(config.model.device).type == "cpu":
-        # Leave a core to the main process (event loop, transport, VAD). Batch-1 ops of the small presets gain
-        # nothing from more threads and, on a busy machine, lose a lot to threads spinning at barriers.
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - 1))
+    device = pick_device(config.model.device)
+    if device.type == "cuda":
+        # `cuda:N`: that device becomes the process's default, for every allocation and kernel launch.
+        torch.cuda.set_device(device)
+    torch.set_num_threads(engine_threads(config, device))
+
+
+def engine_threads(config: Config, device: torch.device) -> int:
+    """``engine.threads``, or by default: on CUDA two (the process only launches kernels); on CPU every core but
+    one, left to the main process (event loop, transport, VAD). Batch-1 ops of the small presets gain nothing
+    from more threads and, on a busy machine, lose a lot to threads spinning at barriers."""
+    if config.engine.threads:
+        return config.engine.threads
+    cores = len(os.sched_getaffinity(0))
+    return min(2, cores) if device.type == "cuda" else max(1, cores - 1)
 
 
 def serve(fd: int) -> None:

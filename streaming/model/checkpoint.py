@@ -1,7 +1,8 @@
 """Checkpoint folders in the official layout: ``config.json`` + (sharded) safetensors.
 
-The state-dict key names are a contract with the official checkpoints: loading is strict, and a
-missing key, an unexpected key or a wrong shape is an error that names the key. Tensors are read
+The state-dict key names are a contract with the official checkpoints: loading is strict, and missing keys,
+unexpected keys and wrong shapes are one error that lists them all (buffers derived from the config, such as
+RoPE's ``inv_freq``, are skipped with a warning). Tensors are read
 memory-mapped, one at a time, and assigned into a module built on the ``meta`` device, so no full
 extra copy of the weights is ever held in RAM.
 """
@@ -14,12 +15,15 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
+from loguru import logger
 from mimo_voice.configs.errors import CheckpointError
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 INDEX_NAME = "model.safetensors.index.json"
+# Buffers some exporters save although the model recomputes them from the config (RoPE's inverse frequencies).
+DERIVED_BUFFERS = (r".*rotary_emb\.inv_freq", r".*rotary_emb\.original_inv_freq")
 SINGLE_NAME = "model.safetensors"
 
 
@@ -90,22 +94,27 @@ def load_weights(
     """
     expected = module.state_dict(keep_vars=True)
     loaded: dict[str, torch.Tensor] = {}
+    problems: list[str] = []
+    seen: set[str] = set()
     for key, tensor in iter_tensors(folder):
         if key not in expected:
-            if _matches(key, ignore_unexpected):
-                continue
-            raise CheckpointError(f"{folder}: unexpected key {key!r} (shape {list(tensor.shape)}) in the checkpoint")
+            if _matches(key, DERIVED_BUFFERS):
+                logger.warning(f"{folder}: ignoring {key!r}: a buffer computed from the config, not a weight")
+            elif not _matches(key, ignore_unexpected):
+                problems.append(f"unexpected key {key!r} (shape {list(tensor.shape)})")
+            continue
+        seen.add(key)
         want = tuple(expected[key].shape)
         if tuple(tensor.shape) != want:
-            raise CheckpointError(
-                f"{folder}: key {key!r} has shape {list(tensor.shape)}, the model expects {list(want)}"
-            )
+            problems.append(f"key {key!r} has shape {list(tensor.shape)}, the model expects {list(want)}")
+            continue
         target = torch.float32 if _matches(key, keep_dtype) else dtype
         loaded[key] = tensor.to(device=device, dtype=target if tensor.is_floating_point() else tensor.dtype)
-    missing = [key for key in expected if key not in loaded]
-    if missing:
+    problems += [f"missing key {key!r}" for key in expected if key not in seen]
+    if problems:
+        listed = "\n  ".join(problems)
         raise CheckpointError(
-            f"{folder}: missing key {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+            f"{folder}: the checkpoint does not match the model ({len(problems)} problems):\n  {listed}"
         )
     module.load_state_dict(loaded, strict=True, assign=True)
     return module

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loguru import logger
 from mimo_voice.configs.errors import ConfigError
 from transformers import Qwen2Config
 
@@ -134,6 +135,10 @@ class MiMoAudioConfig:
         extra = {name: value for name, value in data.items() if name not in DERIVED_QWEN2_FIELDS}
         if known.get("input_full_attention") is None:
             known.pop("input_full_attention", None)
+            logger.warning(
+                "config.json has no input_full_attention: the patch encoder attends causally inside each patch, as "
+                "upstream does for such a config (MiMo-Audio's report describes a bidirectional one: check it)"
+            )
         return cls(**known, extra=extra)
 
     @classmethod

@@ -29,7 +29,8 @@ Cache: the result is written once in the official layout under ``model.cache_dir
 ``~/.cache/mimo-voice``), in a folder named by a hash of the preset, the recipe and the source of the
 modules that shape the weights; a file lock keeps parallel processes from training twice, and the
 folder appears by an atomic rename only when complete; older builds of the preset are pruned. The
-``small`` preset is not trained (its shapes exist for benchmarks, which force audio).
+``small`` preset is not trained (its shapes exist for benchmarks, which force audio); ``real7b`` holds no
+weights at all (:mod:`.real7b`).
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ from mimo_voice.streaming.model.modeling_mimo_audio import (
 )
 from mimo_voice.streaming.model.prompts import Positions, PromptBuilder
 from mimo_voice.streaming.model.text_tokenizer import TRAINED_VOCAB_SIZE, SpecialTokens
+from mimo_voice.streaming.presets.real7b import write_real7b_folder
 from torch import Tensor, nn
 
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "mimo-voice"
@@ -406,7 +408,10 @@ def _cache_key(preset: str, recipe: Recipe) -> str:
 
 def _build(folder: Path, preset: str, recipe: Recipe) -> None:
     llm, codec = folder / "llm", folder / "tokenizer"
-    write_tiny_checkpoint(llm, preset=preset, seed=recipe.seed)
+    if preset == "real7b":  # shapes only: the worker draws the weights on the device
+        write_real7b_folder(llm)
+    else:
+        write_tiny_checkpoint(llm, preset=preset, seed=recipe.seed)
     write_tiny_tokenizer(codec, seed=recipe.seed)
     if preset != "tiny":
         return

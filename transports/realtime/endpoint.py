@@ -27,9 +27,9 @@ from .serializer import AudioFormats, RealtimeSerializer
 from .session import RealtimeState, SwitchableVAD, initial_config
 
 if TYPE_CHECKING:
-    from ..sessions import SessionHub
+    from ..sessions import SessionHub, TransportName
 
-TRANSPORT_NAME = "realtime"
+TRANSPORT_NAME: TransportName = "realtime"
 BROWSER_KEY_PREFIX = "openai-insecure-api-key."
 
 

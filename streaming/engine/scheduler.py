@@ -1,0 +1,191 @@
+"""The worker's step phase: every active response advanced by one position, as one batch.
+
+Each active :class:`~.generation.Generation` is a row. One step phase (:meth:`StepScheduler.step`):
+
+1. rows whose cache is being rebuilt (context management) feed one more chunk of it and sit the step out,
+   so a long rebuild never stalls the other rows;
+2. each row's token: forced (thinking tag, ``<|sostm|>``, a ``text_hook``) or sampled; sampled rows are
+   stacked, one ``sample_text`` per group of rows with equal sampling parameters, and the tokens are read
+   back to the host once for all rows (the only read of a tensor value in the step);
+3. stop tokens end their rows; the rows that emit audio run one ``decode_patch`` (per group of equal
+   sampling parameters) and their codes are copied to the host once, for the record and the events;
+4. each row's position goes into its record and is routed (events go out here, before the backbone step:
+   the first audio patch does not wait for the step that feeds it);
+5. one backbone ``step`` of B rows, one position each, rows at different lengths;
+6. the audio of each row's new patch is decoded to PCM.
+
+An error in one row's own work (routing, a hook) ends that row only; an error in a batched call ends the
+rows of that call. A row stepped alone draws from its session's generator (reproducible for a seed); rows
+sampled together share one random stream (see ``_generator``). Greedy rows are identical whatever the batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from functools import partial
+from typing import TYPE_CHECKING, cast
+
+import torch
+from loguru import logger
+from mimo_voice.streaming.model.fast import FastMiMoAudio, StepOutput
+from mimo_voice.streaming.model.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from .generation import Generation
+
+
+class StepScheduler:
+    def __init__(self, fast: FastMiMoAudio, vocab_size: int, empty_codes: torch.Tensor, empty_token: int) -> None:
+        self.fast = fast
+        self.vocab_size = vocab_size
+        self.empty_codes = empty_codes  # [group, channels] on the device: the codes of a text position
+        self.empty_token = empty_token
+        self._ban_masks: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def step(self, generations: Iterable[Generation]) -> None:
+        began = time.perf_counter()
+        rows = [g for g in generations if not g.done]
+        for generation in rows:
+            if generation.cancel_requested:
+                generation.finish("cancelled")
+        rows = [g for g in rows if not g.done and self._caught_up(g)]
+        try:
+            self._step(rows, began)
+        except Exception as exc:  # a batched call failed: its rows end with the error; the engine goes on
+            logger.exception("batched step failed")
+            for generation in rows:
+                if not generation.done:
+                    generation.finish("error", error=f"{type(exc).__name__}: {exc}")
+
+    def _step(self, rows: list[Generation], began: float) -> None:
+        if not rows:
+            return
+        tokens = self._tokens(rows)
+        fed = [(g, t) for g, t in zip(rows, tokens) if t is not None and _guarded(g, partial(g.accept, t))]
+        audio = [g for g, t in fed if t == self.empty_token]
+        codes = self._decode_patches(audio)
+        codes_cpu = dict(zip(audio, codes.cpu())) if audio else {}
+        for generation, token in fed:
+            _guarded(generation, partial(generation.record, token, codes_cpu.get(generation)))
+        batch = [(g, t) for g, t in fed if not g.done and self._one_behind(g)]
+        self._backbone_step(batch, dict(zip(audio, codes)) if audio else {})
+        shared = time.perf_counter() - began
+        for generation, token in fed:
+            if generation.done:
+                continue
+            own = time.perf_counter()
+            if generation.decoder is not None:
+                _guarded(generation, generation.decode_audio)
+            generation.account("audio" if token == self.empty_token else "text", shared + time.perf_counter() - own)
+
+    # --- phases ---
+
+    def _caught_up(self, generation: Generation) -> bool:
+        """Whether the row's cache holds its record; if not, it feeds one more chunk (its output is then the
+        row's next logits) and steps once the cache is complete."""
+        conv = generation.conv
+        if conv.cached == len(conv.context):
+            return True
+        ready = _guarded(generation, conv.catch_up)
+        if ready and conv.last_output is not None:
+            generation.last = conv.last_output
+        return False
+
+    def _tokens(self, rows: list[Generation]) -> list[int | None]:
+        """Each row's next token (None where its step failed): forced, else sampled in groups of equal
+        parameters, with one host read of every sampled token."""
+        tokens: list[int | None] = []
+        sampled: dict[tuple, list[int]] = defaultdict(list)
+        for index, generation in enumerate(rows):
+            forced = cast("int | None", _guarded(generation, generation.forced_token))
+            tokens.append(forced)
+            if forced is None and not generation.done:
+                sampled[_key(generation.conv.text_sampler.params)].append(index)
+        draws, order = [], []
+        for indices in sampled.values():
+            group = [rows[i] for i in indices]
+            logits = torch.cat([g.last.text_logits for g in group])
+            banned = torch.stack([self._ban_mask(g.banned()) for g in group])
+            params = group[0].conv.text_sampler.params
+            draws.append(self.fast.sample_text(logits, params, banned, self._generator(group)))
+            order.extend(indices)
+        if draws:
+            for index, token in zip(order, torch.cat(draws).tolist()):
+                tokens[index] = token
+        return tokens
+
+    def _decode_patches(self, rows: list[Generation]) -> torch.Tensor:
+        """The patch decoder over the audio rows, in groups of equal sampling parameters:
+        codes [len(rows), group, channels] on the device."""
+        if not rows:
+            return self.empty_codes[None]
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for index, generation in enumerate(rows):
+            groups[_key(generation.conv.audio_sampler.params)].append(index)
+        if len(groups) == 1:
+            return self._decode_group(rows)
+        codes = self.empty_codes.expand(len(rows), *self.empty_codes.shape).clone()
+        for indices in groups.values():
+            codes[indices] = self._decode_group([rows[i] for i in indices])
+        return codes
+
+    def _decode_group(self, rows: list[Generation]) -> torch.Tensor:
+        local_in = torch.cat([g.last.local_in for g in rows])
+        params = rows[0].conv.audio_sampler.params
+        return self.fast.decode_patch(local_in, params, self._generator(rows))
+
+    def _generator(self, rows: list[Generation]) -> torch.Generator | None:
+        """A lone row draws from its session's generator, as it always did; rows sampled together draw from the
+        device's default one (one stream for the batch: a session's draws then depend on its batch), as do
+        compiled steps, whose CUDA graphs replay only with the default generator."""
+        return rows[0].conv.generator if len(rows) == 1 and not self.fast.compile else None
+
+    def _backbone_step(self, batch: list[tuple[Generation, int]], patch_codes: dict) -> None:
+        if not batch:
+            return
+        slots_of = {g: _slot(g) for g, _ in batch}
+        batch = sorted(batch, key=lambda row: slots_of[row[0]])  # ascending slots: the pool is read as a view
+        slots = [slots_of[g] for g, _ in batch]
+        text_ids = torch.tensor([t for _, t in batch])  # on the CPU: the step decides text vs audio there
+        codes = torch.stack([patch_codes.get(g, self.empty_codes) for g, _ in batch])
+        out = self.fast.step(slots, text_ids, codes)
+        for index, (generation, _) in enumerate(batch):
+            row = StepOutput(out.text_logits[index : index + 1], out.local_in[index : index + 1])
+            generation.last = generation.conv.last_output = row
+
+    @staticmethod
+    def _one_behind(generation: Generation) -> bool:
+        """Whether the row's cache lacks exactly its new position; else (the context was compacted) the row
+        rebuilds its cache in chunks over the next step phases."""
+        return bool(_guarded(generation, generation.conv.ready_to_step)) and not generation.done
+
+    def _ban_mask(self, banned: tuple[int, ...]) -> torch.Tensor:
+        mask = self._ban_masks.get(banned)
+        if mask is None:
+            mask = torch.zeros(self.vocab_size, dtype=torch.bool)
+            mask[list(banned)] = True
+            mask = self._ban_masks[banned] = mask.to(self.empty_codes.device)
+        return mask
+
+
+def _key(params: SamplingParams) -> tuple:
+    return (params.do_sample, params.temperature, params.top_k, params.top_p)
+
+
+def _slot(generation: Generation) -> int:
+    slot = generation.conv.slot
+    if slot is None:  # a closed conversation's rows were finished before the step
+        raise RuntimeError("a closed conversation was stepped")
+    return slot
+
+
+def _guarded(generation: Generation, work: Callable[[], object]) -> object:
+    """Runs one row's own work; an exception ends that row (with the error) and gives None."""
+    try:
+        return work()
+    except Exception as exc:
+        logger.exception("generation step failed")
+        generation.finish("error", error=f"{type(exc).__name__}: {exc}")
+        return None

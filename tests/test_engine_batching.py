@@ -1,0 +1,68 @@
+"""The worker's batched step phase: responses stepped together equal each response stepped alone.
+
+The worker is built in the test process (its real step phase, without the pipe) on the tiny preset, CPU/fp32,
+greedy text and audio: several conversations reply at once, joining and leaving the batch at different steps,
+and one is cancelled mid-batch; every other one's text tokens and audio codes must equal its reply generated
+alone (batch size 1).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from worker_support import greedy_worker, open_conversation, replies_alone, replies_together, reply, respond, run
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
+@pytest.fixture(scope="module")
+def worker():
+    return greedy_worker()
+
+
+def test_batched_replies_equal_replies_generated_alone_with_joins_leaves_and_a_cancel(worker):
+    alone = replies_alone(worker, range(1, 6))
+    assert all(reason == "stop" for _, _, reason in alone.values())
+    assert sum(len(patches) for _, patches, _ in alone.values()) > 10  # the replies do speak
+    together = replies_together(worker, range(1, 6), cancel=2)
+    for session_id, (tokens, patches, reason) in together.items():
+        want_tokens, want_patches, _ = alone[session_id]
+        if session_id == 2:
+            assert reason == "cancelled" and 0 < len(tokens) < len(want_tokens)
+            want_tokens, want_patches = want_tokens[: len(tokens)], want_patches[: len(patches)]
+        else:
+            assert reason == "stop"
+        assert tokens == want_tokens, f"session {session_id}"
+        assert len(patches) == len(want_patches)
+        assert all(np.array_equal(a, b) for a, b in zip(patches, want_patches)), f"session {session_id}"
+
+
+def test_a_session_leaving_frees_its_slot_and_a_new_one_gets_a_clean_cache(worker):
+    first = open_conversation(worker, 1)
+    slot = first.slot
+    assert worker.pool.length(slot) == len(first.context) > 0
+    first.close()
+    assert first.slot is None
+    second = open_conversation(worker, 2)
+    assert second.cached == len(second.context)
+    second.close()
+
+
+def test_a_failing_batched_call_ends_its_rows_with_the_error_and_the_engine_goes_on(worker, monkeypatch):
+    conversations = [open_conversation(worker, session_id) for session_id in (1, 3)]
+
+    def exploding(*args, **kwargs):
+        raise RuntimeError("patch decoder exploded")
+
+    monkeypatch.setattr(worker.fast, "decode_patch", exploding)
+    for conversation in conversations:
+        respond(worker, conversation)
+    run(worker)
+    assert not worker.active
+    for conversation in conversations:
+        end = worker.outbox.events[conversation.session_id][-1]
+        assert end.reason == "error" and "patch decoder exploded" in end.error
+        reply(worker, conversation)
+        conversation.close()
+    monkeypatch.undo()
+    assert replies_alone(worker, [4])[4][2] == "stop"  # the next reply is generated as usual
