@@ -66,3 +66,14 @@ def test_a_failing_batched_call_ends_its_rows_with_the_error_and_the_engine_goes
         conversation.close()
     monkeypatch.undo()
     assert replies_alone(worker, [4])[4][2] == "stop"  # the next reply is generated as usual
+
+
+def test_more_conversations_than_kv_slots_is_a_clear_error(worker):
+    held = [open_conversation(worker, 100 + i) for i in range(worker.pool.slots)]
+    try:
+        with pytest.raises(RuntimeError, match=r"KV slots are in use: close a session or raise engine\.kv_slots"):
+            open_conversation(worker, 99)
+    finally:
+        for conversation in held:
+            conversation.close()
+    open_conversation(worker, 98).close()  # a freed slot serves the next one

@@ -113,7 +113,10 @@ class Conversation:
         }
         self.context = Context(special.empty, self.builder.empty_row, self.model.config.group_size)
         self.fast, self.pool = worker.fast, worker.pool
-        self.slot: int | None = self.pool.allocate()  # this conversation's KV cache in the worker's pool
+        try:
+            self.slot: int | None = self.pool.allocate()  # this conversation's KV cache in the worker's pool
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}: close a session or raise engine.kv_slots") from None
         self.last_output: StepOutput | None = None
         self.system_prompt = system_prompt or None  # goes into the first user turn
         self.user: UserTurn | None = None
