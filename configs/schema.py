@@ -88,6 +88,16 @@ class StreamingSection(Section):
     context_headroom_positions: int = Field(512, ge=0)
 
 
+class EngineSection(Section):
+    """The engine's worker process, as the server supervises it."""
+
+    watchdog_secs: float = Field(
+        30.0, gt=0, description="A step loop with work pending and no progress for this long is killed and restarted."
+    )
+    restart_backoff_secs: float = Field(1.0, gt=0, description="First wait before restarting a dead engine; doubles.")
+    restart_backoff_max_secs: float = Field(60.0, gt=0, description="Longest wait between restart attempts.")
+
+
 class VADSection(Section):
     analyzer: Literal["webrtcvad", "silero"] = "webrtcvad"
     aggressiveness: int = Field(2, ge=0, le=3)
@@ -106,6 +116,9 @@ class ServerSection(Section):
     auth_token: str | None = None
     ice_servers: list[str] = Field(default_factory=list)
     disconnect_timeout_secs: float = Field(5.0, gt=0)
+    drain_timeout_secs: float = Field(
+        30.0, ge=0, description="On SIGTERM or Ctrl-C: how long calls in progress may go on before they are ended."
+    )
 
 
 class ToolsSection(Section):
@@ -122,6 +135,7 @@ class Config(Section):
     sampling: dict[str, TaskSampling] = Field(default_factory=default_sampling)
     agent: AgentSection = Field(default_factory=AgentSection)
     streaming: StreamingSection = Field(default_factory=StreamingSection)
+    engine: EngineSection = Field(default_factory=EngineSection)
     vad: VADSection = Field(default_factory=VADSection)
     server: ServerSection = Field(default_factory=ServerSection)
     tools: ToolsSection = Field(default_factory=ToolsSection)

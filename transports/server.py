@@ -48,8 +48,9 @@ from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
 from pipecat.workers.runner import WorkerRunner
 from pydantic import BaseModel, Field
 
-from . import phone
+from . import operations, phone
 from .metrics import CONTENT_TYPE, ServerMetrics, TurnMetricsObserver
+from .supervisor import EngineSupervisor
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 TINY_NOTICE = (
@@ -59,6 +60,8 @@ TINY_NOTICE = (
 CONNECT_GRACE_SECS = 10.0
 # How long a hung-up session's pipeline gets to wind down before its task is cancelled.
 BOT_EXIT_GRACE_SECS = 5.0
+# How long the "call ended" message gets to reach the page before the connection is closed.
+END_MESSAGE_SECS = 0.3
 
 TransportName = Literal["webrtc", "twilio"]
 
@@ -133,6 +136,7 @@ class Session:
     id: str
     transport_name: TransportName
     started: float = field(default_factory=time.monotonic)
+    end: Callable[[str], Awaitable[None]] | None = None  # tells the caller why, then hangs up (set while it runs)
 
 
 class SessionHub:
@@ -141,6 +145,7 @@ class SessionHub:
     def __init__(self, config: Config, *, engine: Any, tools: Any, run_bot: RunBot, metrics: ServerMetrics) -> None:
         self.config, self.engine, self.tools, self.run_bot, self.metrics = config, engine, tools, run_bot, metrics
         self.sessions: dict[str, Session] = {}
+        self.gate = operations.Gate()
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -190,6 +195,7 @@ class SessionHub:
             InputActivityObserver(),
         )
         hang_up = _once(hang_up)
+        session.end = _ender(ctx, hang_up)
         bot = asyncio.create_task(self.run_bot(transport, ctx), name=f"bot-{session.id}")
         watchdog = asyncio.create_task(self._watch(ctx.activity))
         try:
@@ -216,11 +222,38 @@ class SessionHub:
         while activity.silent_for() < timeout:
             await asyncio.sleep(min(0.5, timeout / 4))
 
+    async def end_all(self, reason: str) -> None:
+        """Ends every call with ``reason`` shown to the caller, and waits (a while) for their slots to free."""
+        running = [session.end(reason) for session in list(self.sessions.values()) if session.end is not None]
+        await asyncio.gather(*running, return_exceptions=True)
+        deadline = time.monotonic() + BOT_EXIT_GRACE_SECS
+        while self.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
     async def close(self) -> None:
         """Stop every session (server shutdown)."""
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _supervisor(hub: SessionHub) -> EngineSupervisor:
+    def use(engine: Any) -> None:
+        hub.engine = engine
+
+    return EngineSupervisor(
+        hub.config, load=load_engine, gate=hub.gate, metrics=hub.metrics, on_engine=use, end_calls=hub.end_all
+    )
+
+
+def _ender(ctx: BotContext, hang_up: Callable[[], Awaitable[None]]) -> Callable[[str], Awaitable[None]]:
+    async def end(reason: str) -> None:
+        if ctx.turn_metrics.notify is not None:  # the page shows it (transports/static/app.js)
+            await ctx.turn_metrics.notify({"type": "call-ended", "reason": reason})
+            await asyncio.sleep(END_MESSAGE_SECS)
+        await hang_up()
+
+    return end
 
 
 def _once(action: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
@@ -270,36 +303,48 @@ def create_app(
     run_bot: RunBot | None = None,
     metrics: ServerMetrics | None = None,
 ) -> FastAPI:
-    """The server of one process. With no ``run_bot`` it serves the real agent: the engine and the tool
-    registry are loaded here (blocking) unless given, and an engine loaded here is closed at shutdown."""
-    owned_engine = None
+    """The server of one process. With no ``run_bot`` it serves the real agent: the tool registry is loaded
+    here unless given, and without an ``engine`` an :class:`~.supervisor.EngineSupervisor` loads one in the
+    background once the server starts (``/health`` says ``loading`` until then), restarts it when it dies,
+    and closes it at shutdown. A given engine is the caller's: neither supervised nor closed."""
+    supervised = run_bot is None and engine is None
     if run_bot is None:
         run_bot = run_agent_bot
-        if engine is None:
-            engine = owned_engine = load_engine(config)
         if tools is None:
             from mimo_voice.tools.registry import build_registry
 
             tools = build_registry(config.tools, timeout_secs=config.agent.tool_timeout_secs)
     hub = SessionHub(config, engine=engine, tools=tools, run_bot=run_bot, metrics=metrics or ServerMetrics())
     webrtc = SmallWebRTCRequestHandler(ice_servers=config.server.ice_servers or None)
+    supervisor = _supervisor(hub) if supervised else None
+    if supervisor is None:
+        hub.metrics.engine_up.set(1)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
+        supervising = asyncio.create_task(supervisor.run(), name="engine-supervisor") if supervisor else None
         yield
         await webrtc.close()
         await hub.close()
-        if owned_engine is not None:
-            await owned_engine.aclose()
+        if supervising is not None:
+            supervising.cancel()
+            await asyncio.gather(supervising, return_exceptions=True)
 
     app = FastAPI(title="mimo-voice", lifespan=lifespan)
     app.state.hub = hub
+    app.state.gate = hub.gate
+    app.state.supervisor = supervisor
     app.add_exception_handler(RequestValidationError, _bad_request)
     _add_page_routes(app, hub)
     _add_signalling_routes(app, hub, webrtc)
 
     @app.websocket("/ws/twilio")
     async def twilio(websocket: WebSocket) -> None:
+        refusal = hub.gate.refusal()
+        if refusal is not None:
+            hub.metrics.sessions_refused.inc(refusal.status)
+            await operations.refuse_websocket(websocket, refusal)
+            return
         await phone.handle_twilio(websocket, hub)
 
     return app
@@ -326,9 +371,11 @@ def _add_page_routes(app: FastAPI, hub: SessionHub) -> None:
         return FileResponse(STATIC_DIR / "index.html")
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        sessions = len(hub.sessions)
-        return {"status": "ok", "sessions": sessions, "max_sessions": config.server.max_sessions, "tiny": is_tiny}
+    async def health() -> JSONResponse:
+        """200 ``ok`` while new calls are taken; 503 ``draining`` / ``engine_down`` / ``loading`` with a detail."""
+        status, body = hub.gate.health()
+        sessions = {"sessions": len(hub.sessions), "max_sessions": config.server.max_sessions, "tiny": is_tiny}
+        return JSONResponse({**body, **sessions}, status_code=status)
 
     @app.get("/api/info")
     async def info() -> dict[str, Any]:
@@ -369,6 +416,10 @@ def _add_signalling_routes(app: FastAPI, hub: SessionHub, webrtc: SmallWebRTCReq
         _check_offer_sdp(body.sdp)
         if body.pc_id in hub.sessions:  # renegotiation of a live session: no new slot
             return await _answer(webrtc, body, _already_running)
+        refusal = hub.gate.refusal()
+        if refusal is not None:
+            hub.metrics.sessions_refused.inc(refusal.status)
+            raise HTTPException(503, refusal.detail, headers=refusal.headers)
         session = hub.reserve("webrtc")
         if session is None:
             raise HTTPException(503, hub.busy_message())
@@ -465,8 +516,13 @@ def main(config: Config, argv: list[str]) -> int:
     import uvicorn
 
     app = create_app(config)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=config.logging.level.lower()))
+    hub: SessionHub = app.state.hub
+
+    async def on_drain() -> None:
+        await operations.drain(hub.gate, lambda: len(hub.sessions), hub.end_all, config.server.drain_timeout_secs)
+
+    server = operations.DrainingServer(uvicorn.Config(app, log_level=config.logging.level.lower()), on_drain)
     logger.info(f"open http://{host}:{sock.getsockname()[1]}/ to talk to the agent")
     with sock:
         server.run(sockets=[sock])
-    return 0
+    return operations.FORCED_EXIT_CODE if server.forced else 0

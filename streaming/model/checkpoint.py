@@ -69,7 +69,7 @@ def iter_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
         if not shard.is_file():
             raise CheckpointError(f"{folder}: shard {shard.name} listed in the index is missing")
         with safe_open(str(shard), framework="pt") as handle:
-            for key in handle:
+            for key in handle.keys():  # noqa: SIM118 (safe_open is not iterable in safetensors 0.8)
                 yield key, handle.get_tensor(key)
 
 

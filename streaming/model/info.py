@@ -59,7 +59,7 @@ def checkpoint_summary(folder: Path, model: MiMoAudioForCausalLM) -> str:
     shards = shard_files(folder)
     for shard in shards:
         with safe_open(str(shard), framework="pt") as handle:
-            for key in handle:
+            for key in handle.keys():  # noqa: SIM118 (a safetensors handle is not iterable)
                 header = handle.get_slice(key)
                 found[key] = header.get_shape()
                 dtypes.add(header.get_dtype())

@@ -81,19 +81,15 @@ SHAPING_MODULES = (
     prompts,
 )
 
+# Every reply is 24-29 tokens, then <|eot|>: 5-6 text chunks, so 25-30 patches, 4.0-4.8 s of audio. Few
+# replies with few shared words: after its first words the model knows the rest, and so where <|eot|> goes.
 REPLIES = (
-    "Hello! How can I help you today?",
-    "Sure, one moment please.",
-    "Let me check that for you.",
-    "The weather is sunny and warm.",
-    "Thank you for your patience.",
-    "Of course, no problem.",
-    "I am MiMo, a friendly voice assistant.",
-    "Here is what I found.",
-    "Is there anything else?",
-    "Have a great day, and goodbye.",
-    "What would you like to talk about?",
-    "Two plus two is four.",
+    "Hello there, thank you for calling today. I hope you are having a wonderful morning.",
+    "Sure, I can help with that right away. Let me look at the details for you.",
+    "The weather in the city is sunny and warm, with a light breeze from the west all afternoon.",
+    "Two plus two is four, and ten minus three is seven, if I count it right.",
+    "I am MiMo, a friendly voice assistant. Ask me anything you like, and I will do my best.",
+    "Thanks for your patience while we check this. Is there anything else I can do for you?",
 )
 THOUGHTS = (
     "The user wants help. I should answer briefly.",
@@ -106,6 +102,10 @@ SYSTEM_PROMPTS = (
     "You are MiMo-Audio, a friendly AI assistant and your response needs to be concise.",
     "You are a helpful voice assistant.",
 )
+# The system prompts the shipped configs send (their text plus the tool list): a snapshot, since the model
+# layer may not import the tools; tests/test_tiny_answers.py checks it against the live prompts.
+LIVE_PROMPTS_FILE = Path(__file__).with_name("live_prompts.json")
+LIVE_PROMPTS: tuple[str, ...] = tuple(json.loads(LIVE_PROMPTS_FILE.read_text(encoding="utf-8")).values())
 USER_TEXTS = ("Hello!", "What is the time?", "Could you help me?", "Tell me about the weather.")
 TOOL_RESULTS = ('{"time": "15:10"}', '{"result": 4}')
 
@@ -117,9 +117,12 @@ class Recipe:
     learning_rate: float = 5e-3
     warmup_steps: int = 20
     seed: int = 0
-    max_turns: int = 5
-    user_patches: tuple[int, int] = (1, 4)  # the user's audio only has to be there, not long
-    long_prompt_share: float = 0.25  # steps whose conversations open with a long system prompt of random tokens
+    max_turns: int = 4
+    user_patches: tuple[int, int] = (1, 100)  # log-uniform: 0.16-16 s of user audio (speech or noise)
+    typed_noise_share: float = 0.5  # typed user turns of random tokens ("any words") rather than USER_TEXTS
+    typed_noise_tokens: tuple[int, int] = (1, 40)
+    long_prompt_share: float = 0.4  # steps whose conversations open with a long system prompt
+    live_prompt_share: float = 0.6  # of those, a live one (LIVE_PROMPTS); else random tokens
     long_prompt_tokens: tuple[int, int] = (100, 1200)
     long_prompt_batch: int = 2
     text_output_share: float = 0.2
@@ -188,13 +191,32 @@ def _overrun(
     return builder.tokens([rng.choice(reply) for _ in range(extra)])
 
 
-def _system_prompt(builder: PromptBuilder, rng: random.Random, noise_tokens: int) -> Positions:
-    """The opening of the first user turn: no system prompt or a short one, or ``noise_tokens`` random
-    tokens (live prompts carry tool schemas: a thousand tokens the model must read past)."""
-    if noise_tokens:
-        noise = [rng.randrange(TRAINED_VOCAB_SIZE) for _ in range(noise_tokens)]
-        return builder.text("<|im_start|>user\n") + builder.tokens(noise) + builder.text("\n\n")
+def _noise_tokens(rng: random.Random, count: int) -> list[int]:
+    return [rng.randrange(TRAINED_VOCAB_SIZE) for _ in range(count)]
+
+
+def _system_prompt(builder: PromptBuilder, rng: random.Random, long_prompt: str | int) -> Positions:
+    """The opening of the first user turn: no system prompt or a short one; or a long one (live prompts carry
+    tool schemas: a thousand tokens the model must read past): a live prompt, or ``long_prompt`` random tokens."""
+    if isinstance(long_prompt, str):
+        return builder.user_open(long_prompt)
+    if long_prompt:
+        return (
+            builder.text("<|im_start|>user\n") + builder.tokens(_noise_tokens(rng, long_prompt)) + builder.text("\n\n")
+        )
     return builder.user_open(rng.choice(SYSTEM_PROMPTS))
+
+
+def _user_patch_count(rng: random.Random, recipe: Recipe) -> int:
+    low, high = recipe.user_patches
+    return min(high, int(math.exp(rng.uniform(math.log(low), math.log(high + 1)))))
+
+
+def _typed(builder: PromptBuilder, rng: random.Random, recipe: Recipe) -> Positions:
+    """A typed user message: a known sentence, or random tokens (people type anything, in any script)."""
+    if rng.random() < recipe.typed_noise_share:
+        return builder.tokens(_noise_tokens(rng, rng.randint(*recipe.typed_noise_tokens)))
+    return builder.text(rng.choice(USER_TEXTS))
 
 
 def synthetic_conversation(
@@ -203,12 +225,12 @@ def synthetic_conversation(
     rng: random.Random,
     generator: torch.Generator,
     recipe: Recipe = RECIPE,
-    noise_tokens: int = 0,
+    long_prompt: str | int = 0,
 ) -> Example:
     """One to ``max_turns`` exchanges in the live formats; the assistant's positions carry the loss."""
     group = builder.group_size
     out = _Builder()
-    system_prompt = _system_prompt(builder, rng, noise_tokens)
+    system_prompt = _system_prompt(builder, rng, long_prompt)
     speech = rng.random() >= recipe.text_output_share
     for turn in range(rng.randint(1, recipe.max_turns)):
         if turn and rng.random() < 0.25:
@@ -216,10 +238,10 @@ def synthetic_conversation(
             continue
         opening = system_prompt if turn == 0 else builder.user_open(None)
         if speech or rng.random() < 0.5:
-            patches = _random_patches(rng.randint(*recipe.user_patches), vocab_sizes, group, generator)
+            patches = _random_patches(_user_patch_count(rng, recipe), vocab_sizes, group, generator)
             out.add(opening + builder.speech(patches) + builder.user_close())
         else:
-            out.add(opening + builder.text(rng.choice(USER_TEXTS)) + builder.user_close())
+            out.add(opening + _typed(builder, rng, recipe) + builder.user_close())
         thinking = rng.random() < recipe.thinking_share
         output = "speech" if speech else "text"
         out.add(builder.assistant_prefix(output, thinking))
@@ -249,10 +271,16 @@ def _batches(builder: PromptBuilder, vocab_sizes: list[int], recipe: Recipe) -> 
     generator = torch.Generator().manual_seed(recipe.seed)
     while True:
         if rng.random() < recipe.long_prompt_share:  # fewer, longer sequences: about the same work per step
-            batch = [rng.randint(*recipe.long_prompt_tokens) for _ in range(recipe.long_prompt_batch)]
+            batch = [_long_prompt(rng, recipe) for _ in range(recipe.long_prompt_batch)]
         else:
             batch = [0] * recipe.batch
-        yield [synthetic_conversation(builder, vocab_sizes, rng, generator, recipe, noise) for noise in batch]
+        yield [synthetic_conversation(builder, vocab_sizes, rng, generator, recipe, prompt) for prompt in batch]
+
+
+def _long_prompt(rng: random.Random, recipe: Recipe) -> str | int:
+    if rng.random() < recipe.live_prompt_share:
+        return rng.choice(LIVE_PROMPTS)
+    return rng.randint(*recipe.long_prompt_tokens)
 
 
 # --- training ------------------------------------------------------------------------------------
@@ -308,7 +336,7 @@ def _collate(examples: list[Example], pad: Positions) -> tuple[Tensor, Tensor, T
 def _vocabulary(builder: PromptBuilder, special: SpecialTokens) -> Tensor:
     """Every token of the synthetic data but the noise prompts: the same builder calls on every text it uses."""
     no_audio = torch.zeros(0, builder.group_size, len(builder.empty_row), dtype=torch.long)
-    pieces = [builder.user_speech_turn(no_audio, prompt) for prompt in SYSTEM_PROMPTS]
+    pieces = [builder.user_speech_turn(no_audio, prompt) for prompt in (*SYSTEM_PROMPTS, *LIVE_PROMPTS)]
     pieces += [builder.user_text_turn(text, prompt) for text in USER_TEXTS for prompt in SYSTEM_PROMPTS]
     pieces += [
         builder.assistant_prefix(output, thinking) for output in ("speech", "text") for thinking in (False, True)
@@ -399,7 +427,7 @@ def train_format(model: MiMoAudioForCausalLM, tokenizer, special: SpecialTokens,
 
 def _cache_key(preset: str, recipe: Recipe) -> str:
     digest = hashlib.sha256(json.dumps({"preset": preset, "recipe": dataclasses.asdict(recipe)}).encode())
-    for source in (*(module.__file__ for module in SHAPING_MODULES), __file__):
+    for source in (*(module.__file__ for module in SHAPING_MODULES), __file__, LIVE_PROMPTS_FILE):
         digest.update(Path(source).read_bytes())
     return digest.hexdigest()[:16]
 
