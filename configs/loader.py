@@ -9,13 +9,10 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from .errors import ConfigError
 from .schema import Config
 
 CONFIG_DIR = Path(__file__).resolve().parent
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the file and the key."""
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:

@@ -23,14 +23,14 @@ def tiny_tokenizer_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_engine():
-    """The embedded default, ``Engine.load(load_config(None))``: the tiny preset trained on the output format
+    """The embedded default, ``TestingEngine.load(load_config(None))``: the tiny preset trained on the output format
     (built once into the cache, ~/.cache/mimo-voice). Shared: close the sessions you open, change no config."""
     import asyncio
 
     from mimo_voice.configs import load_config
-    from mimo_voice.streaming.engine.engine import Engine
+    from mimo_voice.streaming.engine.testing import TestingEngine
 
-    engine = Engine.load(load_config(None))
+    engine = TestingEngine.load(load_config(None))
     yield engine
     asyncio.run(engine.aclose())
 

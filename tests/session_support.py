@@ -6,7 +6,7 @@ import contextlib
 
 import numpy as np
 import torch
-from mimo_voice.streaming.engine.engine import Engine
+from mimo_voice.streaming.engine.testing import TestingEngine
 from mimo_voice.streaming.engine.events import AudioChunk, AudioPatch, Event, TextToken, TurnEnd
 
 
@@ -29,7 +29,7 @@ class Script:
         return script[self.position - 1]
 
 
-def speech(engine: Engine, text: str, patches: int, *, end: bool = True) -> list[int]:
+def speech(engine: TestingEngine, text: str, patches: int, *, end: bool = True) -> list[int]:
     """``text`` in the model's 5:5 interleave with ``patches`` audio positions, then ``<|eostm|>``."""
     ids, empty = engine.builder.encode(text), engine.special.empty
     script = []
@@ -81,7 +81,7 @@ def patches_of(events: list[Event]) -> list[np.ndarray]:
 
 
 @contextlib.asynccontextmanager
-async def opened(engine: Engine, **kwargs):
+async def opened(engine: TestingEngine, **kwargs):
     session = engine.new_session(**kwargs)
     try:
         yield session

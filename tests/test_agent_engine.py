@@ -16,7 +16,7 @@ from langchain_core.tools import tool
 from mimo_voice.agent.pipeline import create_worker
 from mimo_voice.agent.vad import create_vad_analyzer
 from mimo_voice.configs import load_config
-from mimo_voice.streaming.engine.engine import Engine
+from mimo_voice.streaming.engine.testing import TestingEngine
 from mimo_voice.streaming.engine.events import SAMPLES_PER_PATCH
 from mimo_voice.tools import ToolRegistry
 from pipecat.frames.frames import (
@@ -42,7 +42,7 @@ from session_support import Script, speech
 
 @pytest.fixture(scope="module")
 def engine():
-    engine = Engine.load(load_config(None))
+    engine = TestingEngine.load(load_config(None))
     yield engine
     asyncio.run(engine.aclose())
 

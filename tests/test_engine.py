@@ -13,8 +13,11 @@ import numpy as np
 import pytest
 import torch
 from mimo_voice.configs import load_config
-from mimo_voice.streaming.engine.engine import Engine, EngineClosed, read_voice_prompt
+from mimo_voice.configs.errors import EngineClosed
+from mimo_voice.streaming.engine.engine import Engine, read_voice_prompt
 from mimo_voice.streaming.engine.events import AudioPatch
+from mimo_voice.streaming.engine.protocol import Inspect
+from mimo_voice.streaming.engine.testing import TestingEngine
 from mimo_voice.streaming.model.checkpoint import CheckpointError
 from mimo_voice.streaming.model.configuration_mimo_audio import MiMoAudioConfig
 from mimo_voice.streaming.model.modeling_mimo_audio import MiMoAudioForCausalLM
@@ -75,7 +78,7 @@ async def test_sessions_share_the_engine_step_by_step_without_sharing_state(tiny
 @pytest.fixture
 def own_engine():
     """An engine (worker process) of its own, for tests that stop or break it."""
-    engine = Engine.load(load_config(None))
+    engine = TestingEngine.load(load_config(None))
     yield engine
     asyncio.run(engine.aclose())
 
@@ -106,6 +109,39 @@ async def test_a_worker_that_dies_ends_the_response_with_an_error(own_engine):
     assert end_of(events).reason == "error" and "worker process ended" in end_of(events).error
     with pytest.raises(EngineClosed):
         await session.add_text("system", "anyone there?")
+    assert await asyncio.wait_for(own_engine.wait_closed(), 10) == -9
+    assert not own_engine.is_alive() and own_engine.exit_code == -9
+
+
+async def test_the_worker_reports_progress_while_it_generates(tiny_engine):
+    async with opened(tiny_engine) as session:
+        await session.caught_up()
+        assert not tiny_engine.has_pending_work
+        steps_before = tiny_engine.worker_steps
+        session.text_hook = Script(speech(tiny_engine, "Counting the steps.", 12))
+        await session.feed_audio(voice(0.5), 16_000)
+        pending, progress = [], []
+        async for _event in session.respond():
+            pending.append(tiny_engine.has_pending_work)
+            progress.append(tiny_engine.last_progress)
+        assert all(pending[:-1]) and progress == sorted(progress) and progress[-1] > progress[0]
+        await session.caught_up()  # the idle heartbeat was sent before this call's answer
+        assert not tiny_engine.has_pending_work and tiny_engine.worker_steps >= steps_before + 12
+        assert tiny_engine.is_alive() and tiny_engine.exit_code is None
+
+
+async def test_a_production_engine_keeps_the_test_hooks_out():
+    engine = Engine.load(load_config(None))
+    try:
+        session = engine.new_session()
+        assert not hasattr(session, "text_hook") and not hasattr(session, "inspect")
+        refused = engine.call(Inspect(session_id=session._id, function=len))
+        with pytest.raises(PermissionError, match="testing engine"):
+            await asyncio.wrap_future(refused)
+        await session.close()
+    finally:
+        await engine.aclose()
+    assert await engine.wait_closed() == 0 and not engine.is_alive()
 
 
 async def test_a_reader_that_leaves_early_stops_the_generation(tiny_engine):
@@ -132,7 +168,7 @@ async def test_a_voice_prompt_opens_every_conversation(tmp_path):
         wav.writeframes(np.repeat(voice(1.0), 2).tobytes())
     prompt = read_voice_prompt(path)
     assert prompt.dtype == np.float32 and abs(len(prompt) - 24_000) <= 1
-    engine = Engine.load(load_config(None, [f"agent.voice_prompt_wav={path}"]))
+    engine = TestingEngine.load(load_config(None, [f"agent.voice_prompt_wav={path}"]))
     try:
         async with opened(engine) as session:
             voice_part = await session.inspect(voice_prompt_part)

@@ -5,7 +5,6 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 import torch
-from mimo_voice.configs.schema import SamplerParams
 from mimo_voice.streaming.model.checkpoint import CheckpointError, save_weights
 from mimo_voice.streaming.model.configuration_mimo_audio import ConfigError, MiMoAudioConfig
 from mimo_voice.streaming.model.modeling_mimo_audio import (
@@ -13,15 +12,15 @@ from mimo_voice.streaming.model.modeling_mimo_audio import (
     MiMoAudioOutput,
     load_mimo_audio,
 )
-from mimo_voice.streaming.model.sampling import Sampler
+from mimo_voice.streaming.model.sampling import Sampler, SamplingParams
 from mimo_voice.streaming.model.text_tokenizer import SpecialTokens
 from mimo_voice.transports import cli
 from safetensors.torch import load_file
 from transformers import DynamicCache
 
 KEYS_7B = Path(__file__).parent / "data" / "keys_llm_7b.txt"  # copy of /work/shared/reference/keys_llm_7b.txt
-GREEDY = Sampler(SamplerParams(do_sample=False))
-SAMPLED = Sampler(SamplerParams(temperature=0.9, top_p=0.95))
+GREEDY = Sampler(SamplingParams(do_sample=False))
+SAMPLED = Sampler(SamplingParams(temperature=0.9, top_p=0.95))
 SPECIAL = SpecialTokens(
     sosp=151665,
     eosp=151666,

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 from mimo_voice.configs import load_config
-from mimo_voice.streaming.engine.engine import Engine
+from mimo_voice.streaming.engine.testing import TestingEngine
 from mimo_voice.streaming.engine.events import (
     SAMPLES_PER_PATCH,
     AudioChunk,
@@ -102,7 +102,7 @@ async def test_thinking_text_is_never_spoken_and_speech_follows_it(tiny_engine):
 @pytest.fixture(scope="module")
 def small_limits():
     """The embedded engine with a thinking budget of 6 tokens and replies capped at 12 positions."""
-    engine = Engine.load(load_config(None, ["agent.thinking_budget_tokens=6", "agent.max_new_groups=12"]))
+    engine = TestingEngine.load(load_config(None, ["agent.thinking_budget_tokens=6", "agent.max_new_groups=12"]))
     yield engine
     asyncio.run(engine.aclose())
 

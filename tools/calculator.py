@@ -12,6 +12,8 @@ import math
 import operator
 from collections.abc import Callable
 
+from mimo_voice.configs.errors import ToolError
+
 MAX_EXPRESSION_CHARS = 300
 MAX_RESULT_BITS = 4096  # about 1,200 decimal digits
 
@@ -23,7 +25,7 @@ _CONSTANTS: dict[str, float] = {"pi": math.pi, "e": math.e}
 _FUNCTIONS: dict[str, Callable[..., Number]] = {"sqrt": math.sqrt, "abs": abs, "round": round}
 
 
-class CalculatorError(ValueError):
+class CalculatorError(ToolError):
     """An expression the calculator refuses; the message says why."""
 
 

@@ -15,6 +15,8 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
+from mimo_voice.configs.errors import ToolError
+
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
 
@@ -22,7 +24,7 @@ _CALL_FORMAT = f'{TOOL_CALL_OPEN}{{"name": "<tool name>", "arguments": {{<JSON o
 _CODE_FENCE = re.compile(r"^```[a-zA-Z]*\s*(.*?)\s*```$", re.DOTALL)
 
 
-class ToolCallError(ValueError):
+class ToolCallError(ToolError):
     """A tool call that could not be made or did not succeed; the message is written for the model's context."""
 
 

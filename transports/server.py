@@ -488,18 +488,12 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def load_engine(config: Config) -> Any:
-    """The process's engine (blocking; seconds for the tiny model, minutes for 7B), announced loudly when tiny."""
+    """The process's engine (blocking; seconds for the tiny model, minutes for 7B; the engine itself warns
+    loudly when it serves the embedded tiny model)."""
     from mimo_voice.streaming.engine.engine import Engine
 
     engine = Engine.load(config)
-    if engine.is_tiny:
-        banner = "!" * 78
-        logger.warning(banner)
-        logger.warning("No model weights configured (model.path is empty): serving the embedded TINY model.")
-        logger.warning("It has the real MiMo-Audio architecture but BABBLES: it cannot understand or answer.")
-        logger.warning("Point model.path and model.tokenizer_path at the official checkpoints for real answers.")
-        logger.warning(banner)
-    else:
+    if not engine.is_tiny:
         logger.info(f"loaded {config.model.path}")
     return engine
 

@@ -4,7 +4,8 @@ Each run is one conversation of ``--turns`` turns through the real :class:`Sessi
 speech (a synthetic speech-like signal) is fed in 20 ms pieces at 16 kHz, resampled, encoded and
 prefilled while it "arrives"; ``respond()`` then marks the end of the turn, and the reply is generated
 with audio forced at every position (as the official figures were measured) and decoded to PCM
-while it is generated. Reported, with p50/p90 over runs (and turns where it applies):
+while it is generated. Forcing goes through a text hook, so the benchmark runs a testing engine
+(:mod:`mimo_voice.streaming.engine.testing`): the same worker and step loop as production, plus the hook. Reported, with p50/p90 over runs (and turns where it applies):
 
 - per audio group: LLM step + 11-step patch decoder + patch encoder, and the same plus streaming decode;
   RTF = that time / 160 ms of audio;
@@ -24,9 +25,9 @@ import time
 
 import numpy as np
 from mimo_voice.configs import Config
-from mimo_voice.streaming.engine.engine import Engine
 from mimo_voice.streaming.engine.events import AudioChunk, AudioPatch, TurnEnd
-from mimo_voice.streaming.engine.session import Session
+from mimo_voice.streaming.engine.testing import TestingEngine as Engine
+from mimo_voice.streaming.engine.testing import TestingSession as Session
 
 from .report import ProgressBar, Table, add_json_argument, print_tables, summarize, write_json
 

@@ -15,20 +15,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from loguru import logger
 from mimo_voice.streaming.model.audio import Resampler
-from mimo_voice.streaming.model.sampling import Sampler
+from mimo_voice.streaming.model.sampling import Sampler, SamplingParams
 
 from .codec_stream import IncrementalEncoder, StreamingDecoder
 from .context import Context, Segment
-from .events import SAMPLE_RATE, Event, TurnEnd
+from .events import SAMPLE_RATE, Event, Turn, TurnEnd
 from .generation import Generation
 from .prompts import Positions, frames_to_patches, task_format
-from .session import Turn
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -85,8 +84,8 @@ class UserTurn:
 
 
 class Conversation:
-    """One session's state. Its public methods are the jobs a :class:`~.session.Session` sends; the worker
-    runs them one at a time, between steps."""
+    """One session's state. Its public methods are the jobs a :class:`~.session.Session` sends (as
+    :mod:`.protocol` requests); the worker runs them one at a time, between steps."""
 
     def __init__(self, worker: Worker, session_id: int, *, task: str, system_prompt: str | None) -> None:
         self.worker = worker
@@ -97,7 +96,8 @@ class Conversation:
         self.task = task
         self.format = task_format(task)
         sampling = self.config.sampling_for(self.format.sampling)
-        self.text_sampler, self.audio_sampler = Sampler(sampling.text), Sampler(sampling.audio)
+        self.text_sampler = Sampler(SamplingParams(**sampling.text.model_dump()))
+        self.audio_sampler = Sampler(SamplingParams(**sampling.audio.model_dump()))
         self.generator = torch.Generator(device=self.model.device).manual_seed(self.config.model.seed)
         special = self.special
         self.structure_ids = {
@@ -120,7 +120,7 @@ class Conversation:
         self.last_response: Generation | None = None
         self.closure: Segment | None = None  # the closing tokens of last_response
         self.history: list[Turn] = []
-        self.text_hook: Callable[[list[int]], int | None] | None = None
+        self.text_hook: Callable[[list[int]], int | None] | None = None  # testing engines only
         self.error: str | None = None
         self.compactions = 0
         if worker.voice_patches is not None:
@@ -331,16 +331,6 @@ class Conversation:
             self.generation.finish("cancelled")
         self.user = None
         self.cache = self.model.new_cache()
-
-    def set_text_hook(self, hook: Callable[[list[int]], int | None] | None) -> None:
-        self.text_hook = hook
-
-    def caught_up(self) -> None:
-        """Nothing to do: it returns once every job sent before it has run."""
-
-    def inspect(self, function: Callable[..., Any], *args: Any) -> Any:
-        """Tests and benchmarks: ``function(self, *args)`` here, its (picklable) result sent back."""
-        return function(self, *args)
 
     def _record(self, turn: Turn) -> None:
         self.history.append(turn)

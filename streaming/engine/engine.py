@@ -3,9 +3,13 @@
 :meth:`Engine.load` resolves the checkpoints (building the embedded ``tiny`` preset once when no
 ``model.path`` is configured), starts the worker process (:mod:`.worker`, which also documents the step
 loop and how it batches) and waits until it has loaded them. No tensor work runs on the asyncio event
-loop: sessions send the worker jobs over a pipe, and a reader thread hands results and events back to
-each session's event loop. The main process keeps only the text tokenizer (``builder``, ``special``),
-for callers that build token scripts.
+loop: sessions send the worker requests (:mod:`.protocol`) over a channel, and a reader thread hands
+results and events back to each session's event loop. The main process keeps only the text tokenizer
+(``builder``, ``special``), for callers that build token scripts.
+
+Supervision: :attr:`Engine.last_progress`, :attr:`Engine.has_pending_work`, :meth:`Engine.is_alive`,
+:attr:`Engine.exit_code` and :meth:`Engine.wait_closed` let a server tell a dead or stalled worker from an
+idle one (a stall: ``has_pending_work`` and no progress for a while).
 """
 
 from __future__ import annotations
@@ -18,15 +22,17 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 import wave
 import weakref
 from multiprocessing.connection import Pipe
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from loguru import logger
 from mimo_voice.configs import Config
+from mimo_voice.configs.errors import EngineClosed, EngineError
 from mimo_voice.streaming.model.audio import pcm16_to_float, resample
 from mimo_voice.streaming.model.checkpoint import resolve_checkpoint_dir
 from mimo_voice.streaming.model.configuration_mimo_audio import MiMoAudioConfig
@@ -34,28 +40,43 @@ from mimo_voice.streaming.model.text_tokenizer import SpecialTokens, load_text_t
 
 from .events import TurnEnd
 from .prompts import PromptBuilder, check_mode, task_format
+from .protocol import (
+    Call,
+    Channel,
+    EventMessage,
+    Failed,
+    Heartbeat,
+    History,
+    Open,
+    PipeChannel,
+    Request,
+    Result,
+    Setup,
+    Stop,
+    Stopped,
+)
 from .session import Session
-from .worker import Channel
+
+__all__ = ["Engine", "EngineClosed", "EngineError", "read_voice_prompt"]
 
 OFFICIAL_TOKENIZER_REPO = "XiaomiMiMo/MiMo-Audio-Tokenizer"
 STOP_TIMEOUT_SECS = 30.0
 
 
-class EngineClosed(RuntimeError):
-    """The engine was closed, or its worker process ended."""
-
-
 class Engine:
     """Use :meth:`load`. ``builder``/``special``/``tokenizer`` are the text side, for token scripts."""
+
+    session_class: ClassVar[type[Session]] = Session
+    testing: ClassVar[bool] = False  # whether the worker accepts the testing requests (text hooks, inspect)
 
     def __init__(
         self,
         config: Config,
         *,
-        tokenizer,
+        tokenizer: Any,
         model_config: MiMoAudioConfig,
         is_tiny: bool,
-        process: subprocess.Popen,
+        process: subprocess.Popen[bytes],
         connection: Channel,
     ) -> None:
         self.config = config
@@ -63,17 +84,26 @@ class Engine:
         self.tokenizer = tokenizer
         self.special = SpecialTokens.from_tokenizer(tokenizer)
         self.builder = PromptBuilder(tokenizer, self.special, model_config.speech_empty_ids, model_config.group_size)
+        # The LLM's audio vocabularies end with their "empty" id: the codebooks proper are one smaller.
+        self.codebook_sizes = [size - 1 for size in model_config.speech_vocab_sizes]
+        self.last_progress = time.monotonic()
+        self.worker_steps = 0
+        self._worker_active = 0
         self._process = process
         self._connection = connection
         self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._ids = itertools.count(1)
-        self._futures: dict[int, concurrent.futures.Future] = {}
+        self._futures: dict[int, concurrent.futures.Future[Any]] = {}
         self._sessions: dict[int, Session] = {}
         self._closed = False
+        self._exit_lock = threading.Lock()
+        self._exit_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[int]]] = []
         self._reader = threading.Thread(target=self._read, name="mimo-engine-reader", daemon=True)
         self._reader.start()
         self._sender = threading.Thread(target=self._write, name="mimo-engine-sender", daemon=True)
         self._sender.start()
+        self._watcher = threading.Thread(target=self._watch, name="mimo-engine-watcher", daemon=True)
+        self._watcher.start()
 
     @classmethod
     def load(cls, config: Config) -> Engine:
@@ -82,11 +112,8 @@ class Engine:
             from mimo_voice.streaming.presets.tiny_training import ensure_preset_checkpoints
 
             llm_path, codec_path = ensure_preset_checkpoints(config.model.preset, config.model.cache_dir)
-            trained = "only trained on synthetic data" if config.model.preset == "tiny" else "random weights"
-            logger.warning(
-                f"no model.path configured: running the embedded `{config.model.preset}` model. It has the "
-                f"real MiMo-Audio architecture but {trained}: IT BABBLES."
-            )
+            for line in preset_warning(config.model.preset):
+                logger.warning(line)
         else:
             llm_path = resolve_checkpoint_dir(config.model.path)
             codec_path = resolve_checkpoint_dir(config.model.tokenizer_path or OFFICIAL_TOKENIZER_REPO)
@@ -94,16 +121,16 @@ class Engine:
         tokenizer = load_text_tokenizer(llm_path)
         process, connection = _start_worker()
         try:
-            connection.send((list(sys.path), config, llm_path, codec_path, voice))
+            connection.send(Setup(list(sys.path), config, llm_path, codec_path, voice, testing=cls.testing))
             reply = connection.recv()
         except (EOFError, OSError):
             process.wait()
             raise EngineClosed(
                 f"the engine's worker process died while loading (exit code {process.returncode})"
             ) from None
-        if reply[0] == "failed":
+        if isinstance(reply, Failed):
             process.wait()
-            raise reply[1]
+            raise reply.error
         return cls(
             config,
             tokenizer=tokenizer,
@@ -122,43 +149,89 @@ class Engine:
         if system_prompt is None:
             system_prompt = self.config.agent.system_prompt
         session_id = next(self._ids)
-        session = self._sessions[session_id] = Session(self, session_id, mode=mode, task=task)
-        self.call(session_id, "open", task, system_prompt or None).add_done_callback(_log_failure)
+        session = self._sessions[session_id] = self.session_class(self, session_id, mode=mode, task=task)
+        opened = self.call(Open(session_id=session_id, task=task, system_prompt=system_prompt or None))
+        opened.add_done_callback(_log_failure)
         return session
 
-    # --- the pipe ---
+    # --- supervision ---
 
-    def call(self, session_id: int, method: str, *args: Any) -> concurrent.futures.Future:
-        """Runs ``method(*args)`` on the session's state in the worker; the future gets its result."""
-        future: concurrent.futures.Future = concurrent.futures.Future()
+    @property
+    def has_pending_work(self) -> bool:
+        """Whether the worker owes an answer: a call's result, a response's end, or steps it reported active."""
+        return (
+            bool(self._futures)
+            or self._worker_active > 0
+            or any(session.has_pending_response for session in list(self._sessions.values()))
+        )
+
+    def expect_work(self) -> None:
+        """Called before new work is sent: an idle engine's progress clock restarts, so that the time since
+        :attr:`last_progress` measures how long pending work has gone without progress."""
+        if not self.has_pending_work:
+            self.last_progress = time.monotonic()
+
+    def is_alive(self) -> bool:
+        """Whether the worker process is running."""
+        return self._process.poll() is None
+
+    @property
+    def exit_code(self) -> int | None:
+        """The worker process's exit status (negative: killed by that signal); None while it runs."""
+        return self._process.poll()
+
+    async def wait_closed(self) -> int:
+        """Completes when the worker process has ended, for any reason; returns its exit status."""
+        future = asyncio.get_running_loop().create_future()
+        with self._exit_lock:
+            if self._process.returncode is not None:
+                return self._process.returncode
+            self._exit_waiters.append((asyncio.get_running_loop(), future))
+        return await future
+
+    def _watch(self) -> None:
+        """Watcher thread: wakes :meth:`wait_closed` callers when the worker process ends."""
+        code = self._process.wait()
+        with self._exit_lock:
+            waiters, self._exit_waiters = self._exit_waiters, []
+        for loop, future in waiters:
+            with contextlib.suppress(RuntimeError):  # that loop is closed
+                loop.call_soon_threadsafe(_resolve, future, code)
+
+    # --- the channel ---
+
+    def call(self, request: Request) -> concurrent.futures.Future[Any]:
+        """Sends ``request`` to the worker; the future gets its result (or its exception)."""
+        self.expect_work()
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         request_id = next(self._ids)
         self._futures[request_id] = future
         try:
-            self._send(("call", request_id, session_id, method, args))
+            self._send(Call(request_id, request))
         except BaseException:
             self._futures.pop(request_id, None)
             raise
         return future
 
-    def cast(self, session_id: int, method: str, *args: Any) -> None:
-        """Like :meth:`call`, without waiting for or hearing about the result."""
-        self._send(("cast", session_id, method, args))
+    def cast(self, request: Request) -> None:
+        """Sends ``request`` to the worker without waiting for or hearing about its result."""
+        self._send(request)
 
     def forget(self, session_id: int) -> None:
         self._sessions.pop(session_id, None)
 
-    def _send(self, message: tuple) -> None:
-        """Pickles here (an unpicklable argument is the caller's error) and leaves the writing to the sender
-        thread, so the event loop never blocks on a full pipe while the worker is busy."""
+    def _send(self, message: Call | Request | Stop) -> None:
+        """Encodes here (a message that cannot be carried is the caller's error) and leaves the writing to the
+        sender thread, so the event loop never blocks on a full pipe while the worker is busy."""
         if self._closed:
             raise EngineClosed("the engine is closed")
-        self._outbox.put(Channel.pack(message))
+        self._outbox.put(self._connection.encode(message))
 
     def _write(self) -> None:
-        """Sender thread: the outbox, in order, into the pipe."""
+        """Sender thread: the outbox, in order, into the channel."""
         while (data := self._outbox.get()) is not None:
             try:
-                self._connection.send_packed(data)
+                self._connection.send_encoded(data)
             except OSError:  # the worker is gone; the reader reports it
                 return
 
@@ -169,19 +242,21 @@ class Engine:
                 message = self._connection.recv()
             except (EOFError, OSError):
                 break
-            kind = message[0]
-            if kind == "result":
-                _, request_id, ok, value = message
-                future = self._futures.pop(request_id, None)
+            self.last_progress = time.monotonic()
+            if isinstance(message, Result):
+                future = self._futures.pop(message.request_id, None)
                 if future is not None:
-                    future.set_result(value) if ok else future.set_exception(value)
-            elif kind in ("event", "history"):
-                session = self._sessions.get(message[1])
+                    _settle(future, message)
+            elif isinstance(message, (EventMessage, History)):
+                session = self._sessions.get(message.session_id)
                 if session is not None:
-                    session._receive(kind, *message[2:])
-            elif kind == "stopped":
+                    session._receive(message)
+            elif isinstance(message, Heartbeat):
+                self.worker_steps, self._worker_active = message.steps, message.active
+            elif isinstance(message, Stopped):
                 break
         self._closed = True
+        self._worker_active = 0
         self._outbox.put(None)
         self._fail_pending()
 
@@ -190,14 +265,15 @@ class Engine:
         for future in futures.values():
             if not future.done():
                 future.set_exception(EngineClosed("the engine's worker process ended"))
-        for session in list(self._sessions.values()):
-            session._receive("event", None, TurnEnd("error", error="the engine's worker process ended"))
+        ended = TurnEnd("error", error="the engine's worker process ended")
+        for session_id, session in list(self._sessions.items()):
+            session._receive(EventMessage(session_id, None, ended))
 
     async def aclose(self) -> None:
         """Cancels every response, stops the worker process and waits for it."""
         if not self._closed:
             with contextlib.suppress(EngineClosed, OSError):
-                self._send(("stop",))
+                self._send(Stop())
         await asyncio.to_thread(self._reader.join, STOP_TIMEOUT_SECS)
         self._closed = True
         self._outbox.put(None)
@@ -208,7 +284,32 @@ class Engine:
         self._connection.close()
 
 
-def _start_worker() -> tuple[subprocess.Popen, Channel]:
+def preset_warning(preset: str) -> list[str]:
+    """What the log says when the embedded model serves: it is not MiMo-Audio-7B, and cannot answer."""
+    trained = "only trained on synthetic data" if preset == "tiny" else "random weights"
+    banner = "!" * 78
+    return [
+        banner,
+        f"No model weights configured (model.path is empty): serving the embedded `{preset}` model.",
+        f"It has the real MiMo-Audio architecture but {trained}: it BABBLES, it cannot understand or answer.",
+        "Point model.path and model.tokenizer_path at the official checkpoints for real answers.",
+        banner,
+    ]
+
+
+def _settle(future: concurrent.futures.Future[Any], result: Result) -> None:
+    if result.error is not None:
+        future.set_exception(result.error)
+    else:
+        future.set_result(result.value)
+
+
+def _resolve(future: asyncio.Future[int], code: int) -> None:
+    if not future.done():
+        future.set_result(code)
+
+
+def _start_worker() -> tuple[subprocess.Popen[bytes], PipeChannel]:
     """A fresh interpreter running :func:`.worker.serve` on one end of a socket pair. Not ``multiprocessing``'s
     spawn, which re-runs the caller's main module; not fork, which would copy OpenMP and CUDA state."""
     connection, child = Pipe()
@@ -216,7 +317,7 @@ def _start_worker() -> tuple[subprocess.Popen, Channel]:
     process = subprocess.Popen(command, pass_fds=[child.fileno()])
     child.close()
     weakref.finalize(connection, _stop_process, process)  # also if the engine is never closed
-    return process, Channel(connection)
+    return process, PipeChannel(connection)
 
 
 def _stop_process(process: subprocess.Popen) -> None:

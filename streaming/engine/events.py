@@ -1,8 +1,8 @@
-"""Events a :class:`Session` streams while the assistant answers.
+"""What a session reports: the events it streams while the assistant answers, and its transcript's turns.
 
-Plain dataclasses, like pipecat frames. ``time`` is ``time.perf_counter()`` when the event was
-produced on the engine's worker thread, so latency can be measured without the event loop's
-scheduling delay.
+Plain dataclasses, like pipecat frames, shared by both sides of the engine (:mod:`.protocol`). ``time`` is
+``time.perf_counter()`` when the event was produced in the engine's worker process (the same clock as the
+main process on one machine), so latency can be measured without the event loop's scheduling delay.
 """
 
 from __future__ import annotations
@@ -14,6 +14,17 @@ import numpy as np
 from mimo_voice.streaming.model.audio import SAMPLE_RATE, SAMPLES_PER_FRAME, SAMPLES_PER_PATCH
 
 __all__ = ["SAMPLES_PER_FRAME", "SAMPLES_PER_PATCH", "SAMPLE_RATE"]  # re-exported for the agent and transports
+
+
+@dataclass
+class Turn:
+    """One turn of the transcript. An assistant turn's text is what the user heard of it; a user's spoken
+    turn has no text (there is no transcript), only its duration."""
+
+    role: str  # user | assistant | system | tool
+    text: str
+    interrupted: bool = False
+    audio_seconds: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from .text_stream import Detokenizer, SpokenToken, ToolCallFilter, heard_text
 if TYPE_CHECKING:
     from mimo_voice.streaming.model.modeling_mimo_audio import MiMoAudioOutput
 
-    from .session import Conversation
+    from .conversation import Conversation
 
 THINK_END_TAG = THINK_CLOSE.strip()
 PATCH_SECONDS = SAMPLES_PER_PATCH / 24_000

@@ -1,8 +1,8 @@
 """A live conversation with MiMo-Audio: :class:`Session`, the asyncio API the agent uses.
 
-Every call turns into a job for the engine's worker process, where the session's state lives
-(:class:`~.conversation.Conversation`, which also explains how latency is won), and the response's
-events come back through the engine's reader thread into this session's event loop. Input is
+Every call turns into a request (a :mod:`.protocol` message) for the engine's worker process, where the
+session's state lives (:class:`~.conversation.Conversation`, which also explains how latency is won), and
+the response's events come back through the engine's reader thread into this session's event loop. Input is
 validated here, so bad audio or a bad role is a ``ValueError`` at the call, not an error later.
 """
 
@@ -10,37 +10,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import pickle
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from loguru import logger
-from mimo_voice.streaming.model.audio import pcm16_to_float
+from mimo_voice.streaming.model.audio import check_codes, pcm16_to_float
 
-from .events import Event, TurnEnd
+from .events import Event, Turn, TurnEnd
 from .prompts import check_mode
+from .protocol import (
+    AddText,
+    Cancel,
+    CaughtUp,
+    Close,
+    DiscardUserAudio,
+    EventMessage,
+    FeedAudio,
+    FeedCodes,
+    History,
+    Request,
+    Respond,
+)
 
 if TYPE_CHECKING:
     from .engine import Engine
 
 INPUT_RATES = (8_000, 16_000, 24_000, 48_000)
 TEXT_ROLES = ("user", "system", "tool")
-CODEBOOK_SIZES = (1024, 1024, 128, 128, 128, 128, 128, 128)  # the 8 codebooks the LLM reads
-
-
-@dataclass
-class Turn:
-    """One turn of the transcript. An assistant turn's text is what the user heard of it; a user's spoken
-    turn has no text (there is no transcript), only its duration."""
-
-    role: str  # user | assistant | system | tool
-    text: str
-    interrupted: bool = False
-    audio_seconds: float = 0.0
 
 
 def to_float_pcm(pcm: np.ndarray | bytes, sample_rate: int) -> np.ndarray:
@@ -55,17 +54,6 @@ def to_float_pcm(pcm: np.ndarray | bytes, sample_rate: int) -> np.ndarray:
     if pcm.ndim != 1:
         raise ValueError(f"audio must be mono (a 1-D array), got shape {pcm.shape}")
     return pcm
-
-
-def check_codes(codes: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """Validates audio-tokenizer frames ``[T, 8]`` against the codebooks the LLM reads."""
-    codes = torch.as_tensor(codes)
-    sizes = torch.tensor(CODEBOOK_SIZES)
-    if codes.ndim != 2 or codes.shape[1] != len(sizes) or codes.dtype.is_floating_point or codes.dtype == torch.bool:
-        raise ValueError(f"codes must be integers [frames, {len(sizes)}], got {tuple(codes.shape)} {codes.dtype}")
-    if codes.numel() and bool(((codes < 0) | (codes >= sizes)).any()):
-        raise ValueError(f"codes out of range for the codebook sizes {sizes.tolist()}")
-    return codes.to(torch.long).cpu()
 
 
 class _Response:
@@ -93,7 +81,6 @@ class Session:
         self._engine = engine
         self._id = session_id
         self._history: list[Turn] = []
-        self._hook: Callable[[list[int]], int | None] | None = None
         self._response: _Response | None = None
         self._responses = 0
         self._closed = False
@@ -103,20 +90,6 @@ class Session:
         """The transcript so far (a copy kept in step with the worker: current after each TurnEnd and call)."""
         return self._history
 
-    @property
-    def text_hook(self) -> Callable[[list[int]], int | None] | None:
-        return self._hook
-
-    @text_hook.setter
-    def text_hook(self, hook: Callable[[list[int]], int | None] | None) -> None:
-        """Tests: ``hook(tokens so far) -> next text token or None``. It runs in the worker process, so it must
-        pickle (a module-level function or class instance); its state changes stay there."""
-        try:
-            self._engine.cast(self._id, "set_text_hook", hook)
-        except (pickle.PicklingError, AttributeError, TypeError) as exc:
-            raise TypeError(f"text_hook must be picklable (a module-level function or class): {exc}") from exc
-        self._hook = hook
-
     def set_mode(self, mode: str) -> None:
         """``thinking`` or ``non_thinking``; takes effect at the next respond()."""
         self.mode = check_mode(mode)
@@ -124,12 +97,12 @@ class Session:
     async def feed_audio(self, pcm: np.ndarray | bytes, sample_rate: int) -> None:
         """User audio while they talk (int16 bytes/array or float32, mono, 8/16/24/48 kHz); resampled, encoded
         and prefilled in the background: this returns at once."""
-        self._cast("feed_audio", to_float_pcm(pcm, sample_rate), sample_rate)
+        self._cast(FeedAudio(session_id=self._id, pcm=to_float_pcm(pcm, sample_rate), sample_rate=sample_rate))
 
     async def feed_codes(self, codes: torch.Tensor | np.ndarray) -> None:
         """User speech already encoded by the MiMo audio tokenizer (``[frames, 8]`` codes at 25 Hz), e.g. by a
         client or a batched encoder; it joins the user turn exactly like encoded audio."""
-        self._cast("feed_codes", check_codes(codes))
+        self._cast(FeedCodes(session_id=self._id, codes=check_codes(codes, self._engine.codebook_sizes)))
 
     def respond(self) -> AsyncIterator[Event]:
         """Ends the user turn and streams the assistant's: events up to and including a TurnEnd."""
@@ -137,8 +110,9 @@ class Session:
             raise RuntimeError("a response is still being generated: cancel() it or read it to its TurnEnd first")
         started = time.perf_counter()
         self._responses += 1
+        self._engine.expect_work()
         response = self._response = _Response(self._responses, asyncio.get_running_loop())
-        self._cast("respond", self.mode, started, response.id)
+        self._cast(Respond(session_id=self._id, mode=self.mode, started=started, response_id=response.id))
         return self._events(response)
 
     async def _events(self, response: _Response) -> AsyncIterator[Event]:
@@ -154,7 +128,7 @@ class Session:
             if not response.done and not self._closed:  # the reader left early: stop generating for nobody
                 response.cancelled = True
                 with contextlib.suppress(RuntimeError):  # the engine is gone already
-                    self._cast("cancel", None)
+                    self._cast(Cancel(session_id=self._id))
 
     async def cancel(self, played_samples: int | None = None) -> None:
         """Stops generation within one step. With ``played_samples`` (24 kHz samples of this response the
@@ -162,11 +136,11 @@ class Session:
         marked interrupted."""
         if self._response is not None:
             self._response.cancelled = True
-        await self._call("cancel", played_samples)
+        await self._call(Cancel(session_id=self._id, played_samples=played_samples))
 
     async def discard_user_audio(self) -> None:
         """Forgets the audio fed since the last respond() (noise, a false barge-in)."""
-        await self._call("discard_user_audio")
+        await self._call(DiscardUserAudio(session_id=self._id))
 
     async def add_text(self, role: str, text: str) -> None:
         """Injects a turn: ``tool`` (a tool result), ``system`` (a note) or ``user`` (typed text)."""
@@ -174,48 +148,48 @@ class Session:
             raise ValueError(f"unknown role {role!r}; use one of {', '.join(TEXT_ROLES)}")
         if not isinstance(text, str):
             raise ValueError(f"text must be a string, got {type(text).__name__}")
-        await self._call("add_text", role, text)
+        await self._call(AddText(session_id=self._id, role=role, text=text))
 
     async def caught_up(self) -> None:
         """Returns once the worker has done everything sent before (e.g. prefilled all audio fed so far)."""
-        await self._call("caught_up")
-
-    async def inspect(self, function: Callable[..., Any], *args: Any) -> Any:
-        """Tests and benchmarks: ``function(conversation, *args)`` run in the worker on this session's state
-        (a :class:`~.conversation.Conversation`); both it and its result must pickle."""
-        return await self._call("inspect", function, *args)
+        await self._call(CaughtUp(session_id=self._id))
 
     async def close(self) -> None:
         if self._closed:
             return
         try:
-            await self._call("close")
+            await self._call(Close(session_id=self._id))
         finally:
             self._closed = True
             self._engine.forget(self._id)
 
+    @property
+    def has_pending_response(self) -> bool:
+        """Whether a response was requested and its TurnEnd has not arrived yet."""
+        return self._response is not None and not self._response.done
+
     # --- plumbing ---
 
-    def _cast(self, method: str, *args: Any) -> None:
+    def _cast(self, request: Request) -> None:
         if self._closed:
             raise RuntimeError("this session is closed")
-        self._engine.cast(self._id, method, *args)
+        self._engine.cast(request)
 
-    async def _call(self, method: str, *args: Any) -> Any:
+    async def _call(self, request: Request) -> Any:
         if self._closed:
             raise RuntimeError("this session is closed")
-        return await asyncio.wrap_future(self._engine.call(self._id, method, *args))
+        return await asyncio.wrap_future(self._engine.call(request))
 
-    def _receive(self, kind: str, *message: Any) -> None:
-        """Engine reader thread: a history snapshot, or an event of response ``message[0]`` (None: the current)."""
-        if kind == "history":
-            self._history = message[0]
+    def _receive(self, message: EventMessage | History) -> None:
+        """Engine reader thread: a transcript snapshot, or an event of a response (``response_id`` None: the
+        current one)."""
+        if isinstance(message, History):
+            self._history = message.turns
             return
-        response_id, event = message
         response = self._response
-        if response is None or response.done or response_id not in (None, response.id):
+        if response is None or response.done or message.response_id not in (None, response.id):
             return
         try:
-            response.loop.call_soon_threadsafe(response.put, event)
+            response.loop.call_soon_threadsafe(response.put, message.event)
         except RuntimeError:  # that event loop is closed: nobody is listening
             logger.debug("dropped an event for a closed event loop")

@@ -19,13 +19,14 @@ my last logits, feed one position"), so a batched engine stacks them into one ba
 positions over per-request caches (a padded or paged KV layout, positions per row) and one patch-decoder
 call of batch B (``decode_patch`` already takes [B, local_dim]), without changing the Session API.
 
-Messages, main -> worker: ``("call", request_id, session_id, method, args)`` (answered with
-``("result", request_id, ok, value)``), ``("cast", session_id, method, args)`` (no answer), ``("stop",)``;
-worker -> main: results, ``("event", session_id, response_id, event)``, ``("history", session_id, turns)``.
+Messages are the dataclasses of :mod:`.protocol`; :meth:`Worker.dispatch` maps each request type to the
+conversation's job. The worker also sends a :class:`~.protocol.Heartbeat` while it generates, so the main
+process can tell a stalled step loop from an idle one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import sys
@@ -34,6 +35,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from loguru import logger
 from mimo_voice.configs import Config
@@ -46,53 +48,52 @@ from .conversation import Conversation
 from .events import Event
 from .generation import Generation
 from .prompts import PromptBuilder, frames_to_patches
-
-SESSION_METHODS = {
-    "feed_audio",
-    "feed_codes",
-    "respond",
-    "cancel",
-    "discard_user_audio",
-    "add_text",
-    "set_text_hook",
-    "caught_up",
-    "inspect",
-    "close",
-}
-
-
-class Channel:
-    """One end of the pipe, carrying plainly pickled messages. (``Connection.send`` pickles with multiprocessing's
-    pickler, into which torch registers tensor sharing through file descriptors: that works only between
-    processes multiprocessing started, and the worker is started by subprocess.)"""
-
-    def __init__(self, connection: Connection) -> None:
-        self.connection = connection
-
-    @staticmethod
-    def pack(message: Any) -> bytes:
-        return pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
-
-    def send(self, message: Any) -> None:
-        self.connection.send_bytes(self.pack(message))
-
-    def send_packed(self, data: bytes) -> None:
-        self.connection.send_bytes(data)
-
-    def recv(self) -> Any:
-        return pickle.loads(self.connection.recv_bytes())
-
-    def poll(self, timeout: float | None) -> bool:
-        return self.connection.poll(timeout)
-
-    def close(self) -> None:
-        self.connection.close()
+from .protocol import (
+    HEARTBEAT_SECS,
+    TESTING_REQUESTS,
+    AddText,
+    Call,
+    Cancel,
+    CaughtUp,
+    Channel,
+    Close,
+    DiscardUserAudio,
+    EventMessage,
+    Failed,
+    FeedAudio,
+    FeedCodes,
+    Heartbeat,
+    History,
+    Inspect,
+    Open,
+    PipeChannel,
+    Ready,
+    Request,
+    Respond,
+    Result,
+    SetTextHook,
+    Setup,
+    Stop,
+    Stopped,
+)
 
 
 class Worker:
-    def __init__(self, config: Config, llm_path: Path, codec_path: Path, voice_prompt, connection: Channel) -> None:
+    """The model, the audio tokenizer and every session's :class:`~.conversation.Conversation`."""
+
+    def __init__(
+        self,
+        config: Config,
+        llm_path: Path,
+        codec_path: Path,
+        voice_prompt: np.ndarray | None,
+        connection: Channel,
+        *,
+        testing: bool = False,
+    ) -> None:
         self.config = config
         self.connection = connection
+        self.testing = testing
         device = pick_device(config.model.device)
         dtype = pick_dtype(config.model.dtype, device)
         self.model, self.tokenizer, self.special = load_mimo_audio(llm_path, device=device, dtype=dtype)
@@ -107,17 +108,20 @@ class Worker:
             self.voice_patches = frames_to_patches(frames, self.model.config.group_size)
         self.conversations: dict[int, Conversation] = {}
         self.active: list[Generation] = []
+        self.steps = 0  # step rounds run, reported in heartbeats
+        self._last_beat = 0.0
+        self._reported_busy = False
 
     # --- used by conversations ---
 
     def activate(self, generation: Generation) -> None:
         self.active.append(generation)
 
-    def emit(self, session_id: int, response_id: int, event: Event) -> None:
-        self.connection.send(("event", session_id, response_id, event))
+    def emit(self, session_id: int, response_id: int | None, event: Event) -> None:
+        self.connection.send(EventMessage(session_id, response_id, event))
 
     def send_history(self, conversation: Conversation) -> None:
-        self.connection.send(("history", conversation.session_id, list(conversation.history)))
+        self.connection.send(History(conversation.session_id, list(conversation.history)))
 
     # --- the loop ---
 
@@ -126,36 +130,74 @@ class Worker:
             while True:
                 while self.connection.poll(0 if self.active else None):
                     message = self.connection.recv()
-                    if message[0] == "stop":
+                    if isinstance(message, Stop):
                         self._shutdown()
                         return
-                    self._handle(*message)
+                    self._handle(message)
+                if self.active:
+                    self.steps += 1
                 self._step_all()
+                self._heartbeat()
 
-    def _handle(self, kind: str, *message: Any) -> None:
-        if kind == "cast":
-            session_id, method, args = message
-            self._run(session_id, method, args)
+    def _handle(self, message: Call | Request) -> None:
+        """A call is answered with its result or error; any other request's error is only logged."""
+        if not isinstance(message, Call):
+            try:
+                self.dispatch(message)
+            except Exception:
+                logger.exception(f"{type(message).__name__} failed")
             return
-        request_id, session_id, method, args = message
         try:
-            value = self._open(session_id, *args) if method == "open" else self._run(session_id, method, args)
+            value = self.dispatch(message.request)
         except Exception as exc:  # handed to whoever awaits the call
-            self.connection.send(("result", request_id, False, _portable(exc)))
+            self.connection.send(Result(message.request_id, error=_portable(exc)))
         else:
-            self.connection.send(("result", request_id, True, value))
+            self.connection.send(Result(message.request_id, value=value))
 
-    def _open(self, session_id: int, task: str, system_prompt: str | None) -> None:
-        self.conversations[session_id] = Conversation(self, session_id, task=task, system_prompt=system_prompt)
+    def dispatch(self, request: Request) -> Any:
+        """Runs one request on its session's state: the one place that maps message types to jobs."""
+        if isinstance(request, TESTING_REQUESTS) and not self.testing:
+            raise PermissionError(f"{type(request).__name__} is only accepted by a testing engine")
+        if isinstance(request, Open):
+            self.conversations[request.session_id] = Conversation(
+                self, request.session_id, task=request.task, system_prompt=request.system_prompt
+            )
+            return None
+        conversation = self.conversations[request.session_id]
+        match request:
+            case FeedAudio(pcm=pcm, sample_rate=sample_rate):
+                conversation.feed_audio(pcm, sample_rate)
+            case FeedCodes(codes=codes):
+                conversation.feed_codes(codes)
+            case Respond(mode=mode, started=started, response_id=response_id):
+                conversation.respond(mode, started, response_id)
+            case Cancel(played_samples=played_samples):
+                conversation.cancel(played_samples)
+            case DiscardUserAudio():
+                conversation.discard_user_audio()
+            case AddText(role=role, text=text):
+                conversation.add_text(role, text)
+            case CaughtUp():
+                pass  # answering it is the point
+            case Close():
+                conversation.close()
+                del self.conversations[request.session_id]
+            case SetTextHook(hook=hook):
+                conversation.text_hook = hook
+            case Inspect(function=function, args=args):
+                return function(conversation, *args)
+            case _:
+                raise TypeError(f"unknown request {type(request).__name__}")
+        return None
 
-    def _run(self, session_id: int, method: str, args: tuple) -> Any:
-        if method not in SESSION_METHODS:
-            raise ValueError(f"unknown session method {method!r}")
-        conversation = self.conversations[session_id]
-        value = getattr(conversation, method)(*args)
-        if method == "close":
-            del self.conversations[session_id]
-        return value
+    def _heartbeat(self) -> None:
+        """Progress at most every HEARTBEAT_SECS while generating, and once on becoming idle."""
+        busy = bool(self.active)
+        now = time.monotonic()
+        if (busy and now - self._last_beat < HEARTBEAT_SECS) or (not busy and not self._reported_busy):
+            return
+        self._last_beat, self._reported_busy = now, busy
+        self.connection.send(Heartbeat(self.steps, len(self.active)))
 
     def _step_all(self) -> None:
         """One position for every active response: the place where a batched step would go."""
@@ -171,7 +213,7 @@ class Worker:
     def _shutdown(self) -> None:
         for conversation in self.conversations.values():
             conversation.close()
-        self.connection.send(("stopped",))
+        self.connection.send(Stopped())
 
 
 def _portable(exc: Exception) -> Exception:
@@ -192,20 +234,20 @@ def _setup(config: Config) -> None:
 
 
 def serve(fd: int) -> None:
-    """Entry point of the worker process: read the set-up message, load, say ready (or why not), serve."""
-    connection = Channel(Connection(fd))
-    path, config, llm_path, codec_path, voice_prompt = connection.recv()
-    sys.path[:] = path  # callables the main process sends (text hooks) must unpickle here as there
-    _setup(config)
+    """Entry point of the worker process: read the set-up, load, say ready (or why not), serve."""
+    connection = PipeChannel(Connection(fd))
+    setup: Setup = connection.recv()
+    sys.path[:] = setup.sys_path  # callables the main process sends (text hooks) must unpickle here as there
+    _setup(setup.config)
     began = time.perf_counter()
     try:
-        worker = Worker(config, llm_path, codec_path, voice_prompt, connection)
+        worker = Worker(
+            setup.config, setup.llm_path, setup.codec_path, setup.voice_prompt, connection, testing=setup.testing
+        )
     except Exception as exc:
-        connection.send(("failed", _portable(exc)))
+        connection.send(Failed(_portable(exc)))
         return
     logger.debug(f"engine worker ready in {time.perf_counter() - began:.1f} s")
-    connection.send(("ready",))
-    try:
+    connection.send(Ready())
+    with contextlib.suppress(EOFError, BrokenPipeError, KeyboardInterrupt):  # the main process went away
         worker.run()
-    except (EOFError, BrokenPipeError, KeyboardInterrupt):  # the main process went away
-        pass

@@ -1,5 +1,5 @@
-"""Audio helpers of the MiMo-Audio front end: int16 <-> float PCM, resampling to 24 kHz, and the log-mel
-features the audio tokenizer's encoder reads.
+"""Audio helpers of the MiMo-Audio front end: int16 <-> float PCM, resampling to 24 kHz, the log-mel
+features the audio tokenizer's encoder reads, and the check of audio-tokenizer codes.
 
 The log-mel reproduces upstream's ``torchaudio.transforms.MelSpectrogram(sample_rate=24000, n_fft=960,
 hop_length=240, n_mels=128, power=1.0, center=True)`` followed by ``log(clip(mel, 1e-7))``: periodic Hann window,
@@ -10,6 +10,7 @@ reflect padding, HTK mel scale, no filter normalisation, all in float32 in torch
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -145,3 +146,23 @@ def log_mel(
     fbank = mel_filterbank(n_fft // 2 + 1, n_mels, sample_rate, f_min, f_max).to(wav.device)
     mel = torch.matmul(spec.transpose(-1, -2), fbank).transpose(-1, -2)
     return torch.log(torch.clamp(mel, min=LOG_FLOOR))
+
+
+# -- codes ------------------------------------------------------------------------------------------------
+def check_codes(codes: Tensor | np.ndarray, codebook_sizes: Sequence[int]) -> Tensor:
+    """Audio-tokenizer codes ``[frames, len(codebook_sizes)]`` as int64, or a ValueError saying what is wrong."""
+    codes = torch.as_tensor(codes)
+    books = len(codebook_sizes)
+    if codes.ndim != 2 or codes.shape[1] != books or codes.dtype.is_floating_point or codes.dtype == torch.bool:
+        raise ValueError(f"codes must be an integer tensor [frames, {books}], got {tuple(codes.shape)} {codes.dtype}")
+    codes = codes.to(torch.long)
+    if codes.numel():
+        sizes = torch.tensor(list(codebook_sizes), device=codes.device)
+        bad = (codes < 0) | (codes >= sizes)
+        if bool(bad.any()):
+            frame, book = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(
+                f"code {int(codes[frame, book])} at frame {frame} is out of range for codebook {book} "
+                f"(size {int(sizes[book])}: codes must be >= 0 and below it)"
+            )
+    return codes

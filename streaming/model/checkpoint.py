@@ -14,16 +14,13 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
+from mimo_voice.configs.errors import CheckpointError
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not match the model; the message names the key or file."""
 
 
 def resolve_checkpoint_dir(path_or_repo: str | Path) -> Path:
@@ -69,7 +66,7 @@ def iter_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
         if not shard.is_file():
             raise CheckpointError(f"{folder}: shard {shard.name} listed in the index is missing")
         with safe_open(str(shard), framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 (safe_open is not iterable in safetensors 0.8)
+            for key in handle.keys():  # noqa: SIM118 (a safetensors handle is not iterable)
                 yield key, handle.get_tensor(key)
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mimo_voice.configs.errors import ConfigError
 from transformers import Qwen2Config
 
 from .checkpoint import read_config_json
@@ -34,10 +35,6 @@ REQUIRED = (
 )
 # Recomputed for each Qwen2Config we derive, never passed through.
 DERIVED_QWEN2_FIELDS = {"layer_types", "rope_parameters", "rope_scaling"}
-
-
-class ConfigError(ValueError):
-    """A config.json that does not describe a usable MiMo-Audio model."""
 
 
 def parse_channel_list(value: str | int | list[int], channels: int, name: str) -> list[int]:

@@ -2,28 +2,25 @@
 
 Nothing is loaded but config.json, the text tokenizer and the safetensors headers: the model is
 built on the ``meta`` device, so this is instant even for the 7B checkpoint. Without PATH it
-describes the configured model (``model.path``, else the embedded preset).
+describes ``default_path`` (the CLI passes the configured ``model.path``), else the embedded preset.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
-import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from mimo_voice.configs import Config
 from safetensors import safe_open
 
-from .checkpoint import CheckpointError, resolve_checkpoint_dir, shard_files
-from .configuration_mimo_audio import ConfigError, MiMoAudioConfig
+from .checkpoint import resolve_checkpoint_dir, shard_files
+from .configuration_mimo_audio import MiMoAudioConfig
 from .modeling_mimo_audio import UNUSED_CHECKPOINT_KEYS, MiMoAudioForCausalLM
 from .text_tokenizer import (
     SPECIAL_TOKEN_TEXT,
     SpecialTokens,
-    TokenizerError,
     load_text_tokenizer,
     write_tiny_text_tokenizer,
 )
@@ -82,38 +79,36 @@ def checkpoint_summary(folder: Path, model: MiMoAudioForCausalLM) -> str:
 def _describe(config: MiMoAudioConfig) -> str:
     return (
         f"backbone {config.hidden_size} x {config.num_hidden_layers} layers "
-        f"({config.num_attention_heads} heads, {config.num_key_value_heads} kv, head {config.head_dim}, ffn {config.intermediate_size}), "
+        f"({config.num_attention_heads} heads, {config.num_key_value_heads} kv, head {config.head_dim}, "
+        f"ffn {config.intermediate_size}), "
         f"text vocab {config.vocab_size}; patch encoder {config.input_local_dim} x {config.input_local_layers} "
         f"({'bidirectional' if config.input_full_attention else 'causal'}); patch decoder {config.local_dim} x "
-        f"{config.local_layers} ({config.local_attn_heads} heads, ffn {config.local_ffn_dim}), {config.patch_steps} steps; "
+        f"{config.local_layers} ({config.local_attn_heads} heads, ffn {config.local_ffn_dim}), "
+        f"{config.patch_steps} steps; "
         f"{config.audio_channels} codebooks of {'-'.join(map(str, config.speech_vocab_sizes))}, delays "
         f"{'-'.join(map(str, config.delays))}"
     )
 
 
-def _load(path: str | None, config: Config) -> tuple[str, MiMoAudioConfig, SpecialTokens, Path | None]:
+def _load(path: str | None, preset: str) -> tuple[str, MiMoAudioConfig, SpecialTokens, Path | None]:
     if path is None:
         with tempfile.TemporaryDirectory() as tmp:
             write_tiny_text_tokenizer(tmp)
             special_tokens = SpecialTokens.from_tokenizer(load_text_tokenizer(tmp))
-        preset = config.model.preset
         return f"embedded preset {preset!r}", MiMoAudioConfig.preset(preset), special_tokens, None
     folder = resolve_checkpoint_dir(path)
     special_tokens = SpecialTokens.from_tokenizer(load_text_tokenizer(folder))
     return str(folder), MiMoAudioConfig.from_pretrained(folder), special_tokens, folder
 
 
-def main(config: Config, argv: list[str]) -> int:
+def main(argv: list[str], *, default_path: str | None = None, preset: str = "tiny") -> int:
+    """Prints the report; a checkpoint that cannot be read raises a MimoVoiceError kind (the CLI reports it)."""
     parser = argparse.ArgumentParser(prog="mimo-voice model info", description=__doc__.splitlines()[0])
     parser.add_argument("path", nargs="?", help="checkpoint folder or hub repo id (default: the configured model)")
     args = parser.parse_args(argv)
-    try:
-        source, model_config, special_tokens, folder = _load(args.path or config.model.path, config)
-        model = MiMoAudioForCausalLM.on_meta(model_config, special_tokens)
-        weights = checkpoint_summary(folder, model) if folder else "random (seeded) weights, built on demand"
-    except (CheckpointError, ConfigError, TokenizerError) as exc:
-        print(f"mimo-voice model info: {exc}", file=sys.stderr)
-        return 1
+    source, model_config, special_tokens, folder = _load(args.path or default_path, preset)
+    model = MiMoAudioForCausalLM.on_meta(model_config, special_tokens)
+    weights = checkpoint_summary(folder, model) if folder else "random (seeded) weights, built on demand"
     counts = parameter_counts(model)
     width = max(map(len, counts))
     print(f"model: {source}")

@@ -30,12 +30,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from mimo_voice.streaming.engine.events import SAMPLE_RATE, SAMPLES_PER_FRAME
 from torch import Tensor, nn
 from transformers.activations import ACT2FN
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
-from .audio import log_mel
+from .audio import SAMPLE_RATE, SAMPLES_PER_FRAME, check_codes, log_mel
 from .checkpoint import load_weights, pick_device, pick_dtype, resolve_checkpoint_dir, save_weights
 from .configuration_audio_tokenizer import AudioTokenizerConfig
 
@@ -479,17 +478,7 @@ class MiMoAudioTokenizer(nn.Module):
                 f"codes must be an integer tensor [frames, codebooks], got {tuple(codes.shape)} {codes.dtype}"
             )
         self._check_n_q(codes.shape[1])
-        codes = codes.to(device=self.device, dtype=torch.long)
-        if codes.numel():
-            sizes = torch.tensor(self.config.codebook_sizes[: codes.shape[1]], device=codes.device)
-            bad = (codes < 0) | (codes >= sizes)
-            if bool(bad.any()):
-                frame, book = (int(i) for i in bad.nonzero()[0])
-                raise ValueError(
-                    f"code {int(codes[frame, book])} at frame {frame} is out of range for codebook {book} "
-                    f"(size {int(sizes[book])})"
-                )
-        return codes
+        return check_codes(codes.to(self.device), self.config.codebook_sizes[: codes.shape[1]])
 
     def _check_n_q(self, n_q: int) -> None:
         if not 1 <= n_q <= self.config.num_quantizers:

@@ -13,9 +13,9 @@ Two things differ from upstream's ``MiMoSampler`` in how, not in what:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
-from mimo_voice.configs.schema import SamplerParams
 from torch import Tensor
 
 FIRST_NUCLEUS_GUESS = 64
@@ -23,8 +23,22 @@ NUCLEUS_GROWTH = 16
 FULL_SORT_BELOW = 4096  # vocabularies this small are simply sorted (the patch decoder's 1025/129 codes)
 
 
+@dataclass(frozen=True)
+class SamplingParams:
+    """One channel's sampling settings (the engine converts the app's ``sampling`` config into these)."""
+
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or (self.top_k is not None and self.top_k < 1):
+            raise ValueError(f"invalid sampling parameters {self}")
+
+
 class Sampler:
-    def __init__(self, params: SamplerParams):
+    def __init__(self, params: SamplingParams):
         self.params = params
 
     def sample(self, logits: Tensor, banned: Sequence[int] = (), generator: torch.Generator | None = None) -> Tensor:

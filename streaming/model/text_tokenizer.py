@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from mimo_voice.configs.errors import TokenizerError
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -28,10 +29,6 @@ SPECIAL_TOKEN_TEXT = {
     "im_end": "<|im_end|>",
     "endoftext": "<|endoftext|>",
 }
-
-
-class TokenizerError(ValueError):
-    """A text tokenizer that cannot be used; the message names the folder or the token."""
 
 
 @dataclass(frozen=True)
