@@ -27,16 +27,21 @@ class ServerProcess:
         async with httpx.AsyncClient(base_url=self.base_url, timeout=5) as http:
             return await http.get("/health")
 
-    async def wait_health(self, status: str, timeout: float) -> dict:
-        """The ``/health`` body once its status is ``status``; fails after ``timeout`` seconds."""
+    async def metrics(self) -> str:
+        async with httpx.AsyncClient(base_url=self.base_url, timeout=5) as http:
+            return (await http.get("/metrics")).text
+
+    async def wait_health(self, status: str, timeout: float) -> httpx.Response:
+        """``GET /health`` once its status is ``status``; fails after ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
-        body: dict = {}
+        response = None
         while time.monotonic() < deadline:
-            body = (await self.health()).json()
-            if body["status"] == status:
-                return body
+            response = await self.health()
+            if response.json()["status"] == status:
+                return response
             await asyncio.sleep(0.05)
-        raise AssertionError(f"/health never said {status!r} in {timeout} s; last {body}")
+        last = response.json() if response is not None else None
+        raise AssertionError(f"/health never said {status!r} in {timeout} s; last {last}")
 
     async def exit_code(self, timeout: float) -> int:
         return await asyncio.wait_for(self.process.wait(), timeout)
@@ -72,3 +77,16 @@ async def server_process(*overrides: str, load_timeout: float = 180) -> AsyncIte
             process.send_signal(signal.SIGKILL)
             await process.wait()
         pump.cancel()
+
+
+def engine_worker_pid(server_pid: int) -> int:
+    """The engine worker among the server process's children (Linux /proc)."""
+    children: list[int] = []
+    for task in os.listdir(f"/proc/{server_pid}/task"):
+        with open(f"/proc/{server_pid}/task/{task}/children") as listing:
+            children += [int(pid) for pid in listing.read().split()]
+    for pid in children:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            if b"streaming.engine.worker" in cmdline.read():
+                return pid
+    raise AssertionError(f"no engine worker among the children {children} of {server_pid}")

@@ -15,10 +15,10 @@ pytestmark = pytest.mark.slow
 
 
 async def _call(server: ServerProcess, messages: list[dict]) -> Caller:
+    await server.wait_health("ok", 120)  # the engine loads in the background
     call = Caller(server.base_url, RecordedMicrophone(), lambda message: messages.append(message.get("data") or {}))
     await call.connect()
     assert await wait_until(lambda: call.pc.connectionState == "connected", 20)
-    await server.wait_health("ok", 5)
     assert (await server.health()).json()["sessions"] == 1
     return call
 
