@@ -168,6 +168,9 @@ class ServerMetrics:
             "mimo_voice_engine_restarts_total",
             "Engine deaths (process exit or stalled step loop) that led to a restart.",
         )
+        self.resident_memory = Gauge(
+            "mimo_voice_resident_memory_bytes", "Resident memory of the server and engine processes.", ("process",)
+        )
         self.engine_load_failures = Counter("mimo_voice_engine_load_failures_total", "Engine loads that failed.")
         self._families: list[Metric] = [value for value in vars(self).values() if isinstance(value, Metric)]
         for transport in TRANSPORTS:  # so that dashboards see zeros rather than no series

@@ -77,6 +77,18 @@ class Gate:
         return 503, {"status": refusal.status, "detail": refusal.detail}
 
 
+def resident_bytes(pid: int) -> int | None:
+    """A process's resident set size (Linux ``/proc``); None where it cannot be read (other systems, gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 async def refuse_websocket(websocket: WebSocket, refusal: Refusal) -> None:
     """A 503 with ``Retry-After`` instead of the websocket handshake (or, where the ASGI server cannot send a
     denial response, a close with 1013 "try again later")."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import secrets
 import socket
 import time
@@ -237,6 +238,17 @@ class SessionHub:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
+def _sample_memory(hub: SessionHub) -> None:
+    """Resident memory of this process and the engine's worker, as of this scrape (absent where unreadable)."""
+    engine_pid = getattr(hub.engine, "pid", None)
+    for process, pid in (("server", os.getpid()), ("engine", engine_pid)):
+        rss = operations.resident_bytes(pid) if pid is not None else None
+        if rss is not None:
+            hub.metrics.resident_memory.set(rss, process)
+        else:  # no engine (down or loading): no figure rather than a stale one
+            hub.metrics.resident_memory.values.pop((process,), None)
+
+
 def _supervisor(hub: SessionHub) -> EngineSupervisor:
     def use(engine: Any) -> None:
         hub.engine = engine
@@ -393,6 +405,7 @@ def _add_page_routes(app: FastAPI, hub: SessionHub) -> None:
 
     @app.get("/metrics")
     async def prometheus() -> PlainTextResponse:
+        _sample_memory(hub)
         return PlainTextResponse(hub.metrics.render(), media_type=CONTENT_TYPE)
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
