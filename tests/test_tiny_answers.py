@@ -11,13 +11,12 @@ import json
 
 import numpy as np
 import pytest
+from fixtures.speech import require_tool, track
 from mimo_voice.configs import load_config
 from mimo_voice.streaming.engine.events import AudioChunk, TurnEnd
 from mimo_voice.streaming.presets import tiny_training
 from mimo_voice.tools import tools_prompt
 from mimo_voice.tools.registry import build_registry
-
-from tests.fixtures.speech import require_tool, track
 
 RATE = 16_000
 MIN_AUDIBLE_SECS = 3.0

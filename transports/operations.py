@@ -17,6 +17,7 @@ exits at once. Unlike plain uvicorn, the signal is not re-raised afterwards, so 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -119,13 +120,19 @@ async def drain(
 
 class DrainingServer(uvicorn.Server):
     """uvicorn that drains on the first SIGTERM/SIGINT (``on_drain`` runs as a task, then the server stops)
-    and exits at once on a second SIGINT."""
+    and exits at once on a second SIGINT: ``on_force_exit`` (e.g. kill the engine's worker), then ``os._exit``,
+    since a clean shutdown is exactly what the operator declined to wait for."""
 
-    def __init__(self, config: uvicorn.Config, on_drain: Callable[[], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        on_drain: Callable[[], Awaitable[None]],
+        on_force_exit: Callable[[], None] = lambda: None,
+    ) -> None:
         super().__init__(config)
         self.on_drain = on_drain
+        self.on_force_exit = on_force_exit
         self.draining = False
-        self.forced = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain: asyncio.Task[None] | None = None
 
@@ -139,7 +146,11 @@ class DrainingServer(uvicorn.Server):
             self.draining = True
             self._loop.call_soon_threadsafe(self._start_drain)
         elif sig == signal.SIGINT:
-            self.forced = self.should_exit = self.force_exit = True
+            logger.warning("second interrupt: exiting now")
+            try:
+                self.on_force_exit()
+            finally:
+                os._exit(FORCED_EXIT_CODE)
         # a repeated SIGTERM while draining changes nothing: the drain has its own deadline
 
     def _start_drain(self) -> None:

@@ -528,8 +528,14 @@ def main(config: Config, argv: list[str]) -> int:
     async def on_drain() -> None:
         await operations.drain(hub.gate, lambda: len(hub.sessions), hub.end_all, config.server.drain_timeout_secs)
 
-    server = operations.DrainingServer(uvicorn.Config(app, log_level=config.logging.level.lower()), on_drain)
+    def on_force_exit() -> None:
+        if hub.engine is not None:
+            hub.engine.kill()
+
+    server = operations.DrainingServer(
+        uvicorn.Config(app, log_level=config.logging.level.lower()), on_drain, on_force_exit
+    )
     logger.info(f"open http://{host}:{sock.getsockname()[1]}/ to talk to the agent")
     with sock:
         server.run(sockets=[sock])
-    return operations.FORCED_EXIT_CODE if server.forced else 0
+    return 0
