@@ -39,7 +39,7 @@ class ServerProcess:
             response = await self.health()
             if response.json()["status"] == status:
                 return response
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.1)
         last = response.json() if response is not None else None
         raise AssertionError(f"/health never said {status!r} in {timeout} s; last {last}")
 

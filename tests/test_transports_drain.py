@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 
 async def _call(server: ServerProcess, messages: list[dict]) -> Caller:
-    await server.wait_health("ok", 120)  # the engine loads in the background
+    await server.wait_health("ok", 180)  # the engine loads in the background
     call = Caller(server.base_url, RecordedMicrophone(), lambda message: messages.append(message.get("data") or {}))
     await call.connect()
     assert await wait_until(lambda: call.pc.connectionState == "connected", 20)

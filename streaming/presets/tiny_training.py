@@ -112,19 +112,19 @@ TOOL_RESULTS = ('{"time": "15:10"}', '{"result": 4}')
 
 @dataclass(frozen=True)
 class Recipe:
-    steps: int = 400
-    batch: int = 8
+    steps: int = 800
+    batch: int = 4
     learning_rate: float = 5e-3
     warmup_steps: int = 20
     seed: int = 0
     max_turns: int = 4
     user_patches: tuple[int, int] = (1, 100)  # log-uniform: 0.16-16 s of user audio (speech or noise)
-    typed_noise_share: float = 0.5  # typed user turns of random tokens ("any words") rather than USER_TEXTS
+    typed_noise_share: float = 0.25  # typed user turns of random tokens ("any words") rather than USER_TEXTS
     typed_noise_tokens: tuple[int, int] = (1, 40)
-    long_prompt_share: float = 0.4  # steps whose conversations open with a long system prompt
-    live_prompt_share: float = 0.6  # of those, a live one (LIVE_PROMPTS); else random tokens
+    long_prompt_share: float = 0.3  # steps whose conversations open with a long system prompt
+    live_prompt_share: float = 0.7  # of those, a live one (LIVE_PROMPTS); else random tokens
     long_prompt_tokens: tuple[int, int] = (100, 1200)
-    long_prompt_batch: int = 2
+    long_prompt_batch: int = 1
     text_output_share: float = 0.2
     thinking_share: float = 0.35
     switch_weight: float = 4.0  # loss weight of the text <-> audio switches
