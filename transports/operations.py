@@ -142,7 +142,9 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         """Runs in the signal handler: only flags, and a thread-safe hand-over to the event loop."""
-        if not self.draining and self._loop is not None:
+        if self._loop is None:  # not serving yet: nothing to drain
+            self.should_exit = True
+        elif not self.draining:
             self.draining = True
             self._loop.call_soon_threadsafe(self._start_drain)
         elif sig == signal.SIGINT:

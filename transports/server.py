@@ -5,9 +5,12 @@ Routes: ``GET /`` (the page, transports/static/), ``GET /api/info``, ``GET /heal
 ``SmallWebRTCRequestHandler``) and ``WS /ws/twilio`` (phone.py). Each connection gets its own
 pipeline, built by a :data:`RunBot` function: the real agent by default, anything in tests.
 
-The process loads one engine and one tool registry before it serves, and every session shares
-them. A session holds one of ``config.server.max_sessions`` slots until its pipeline ends; a
-client that stops sending audio for ``config.server.disconnect_timeout_secs`` is hung up on.
+The process has one engine (owned by an :class:`~.supervisor.EngineSupervisor`, which loads it in the
+background and restarts it when it dies) and one tool registry, and every session shares them. New calls
+pass the admission gate (:mod:`.operations`): none while the engine is loading or down or the server
+drains (503 with ``Retry-After``; ``GET /health`` says which). A session holds one of
+``config.server.max_sessions`` slots until its pipeline ends; a client that stops sending audio for
+``config.server.disconnect_timeout_secs`` is hung up on.
 """
 
 from __future__ import annotations
