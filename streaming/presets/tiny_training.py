@@ -4,12 +4,18 @@ Random weights alone would never find ``<|empty|>`` at the right places, so the 
 (text-head arbitration, patch decoder, streaming decode) would never run. A short deterministic
 training run on synthetic conversations (:func:`synthetic_conversation`, built with the same
 :class:`~.prompts.PromptBuilder` as live prompts) teaches the tiny LLM to answer a user turn with
-``<|sostm|>``, 5 text tokens and 5 ``<|empty|>`` audio positions alternately, ``<|eot|>`` after a
-one-sentence reply, five more patches and ``<|eostm|>``; in thinking mode ``<think>\\n`` a thought
-``</think>\\n`` first; in text tasks a sentence and ``<|im_end|>``. Replies come from a small fixed set
-of sentences, so a turn ends after a few seconds of babbled audio. Conversations have up to 5 turns; in a
-quarter of the steps they open with up to 1200 random tokens as system prompt (live ones carry tool
-schemas); some replies overshoot a run, to teach getting back into the format.
+``<|sostm|>``, 5 text tokens and 5 ``<|empty|>`` audio positions alternately, ``<|eot|>`` after the
+reply's text, five more patches and ``<|eostm|>``; in thinking mode ``<think>\n`` a thought ``</think>\n``
+first; in text tasks a sentence and ``<|im_end|>``.
+
+So that the default always answers, and long enough for barge-in to be measurable: every reply is one of a
+few fixed sentences of 24-29 tokens (4.0-4.8 s of babbled audio), and the user turns vary as live ones do:
+0.2-16 s of audio codes (log-uniform; speech and noise alike are codes the model cannot tell apart), typed
+text (known sentences, or random tokens: people type anything), tool results, up to 4 turns per
+conversation, half of them in thinking mode. Conversations open with no system prompt or a short one, or
+(in 30 % of the steps, one conversation each) a long one: mostly the system prompts the shipped configs
+really send (their text and tool list, :data:`LIVE_PROMPTS`), else up to 1200 random tokens. Some replies
+overshoot a run, to teach getting back into the format.
 
 What is trained, and why it is cheap: the tiny LLM is mostly its two 151 680-row matrices, but only
 the few hundred tokens of the synthetic data matter. Their embedding and ``lm_head`` rows are trained
@@ -112,7 +118,7 @@ TOOL_RESULTS = ('{"time": "15:10"}', '{"result": 4}')
 
 @dataclass(frozen=True)
 class Recipe:
-    steps: int = 800
+    steps: int = 1000
     batch: int = 4
     learning_rate: float = 5e-3
     warmup_steps: int = 20
@@ -126,7 +132,7 @@ class Recipe:
     long_prompt_tokens: tuple[int, int] = (100, 1200)
     long_prompt_batch: int = 1
     text_output_share: float = 0.2
-    thinking_share: float = 0.35
+    thinking_share: float = 0.5
     switch_weight: float = 4.0  # loss weight of the text <-> audio switches
     detour_share: float = 0.3  # replies with one overlong run (see _overrun)
     offset_head_strength: float = 5.0
