@@ -11,7 +11,7 @@ first; in text tasks a sentence and ``<|im_end|>``.
 So that the default always answers, and long enough for barge-in to be measurable: every reply is one of a
 few fixed sentences of 24-29 tokens (4.0-4.8 s of babbled audio), and the user turns vary as live ones do:
 0.2-16 s of audio codes (log-uniform; speech and noise alike are codes the model cannot tell apart), typed
-text (known sentences, or random tokens: people type anything), tool results, up to 4 turns per
+text (known sentences, or random tokens: people type anything), tool results, up to 6 turns per
 conversation, half of them in thinking mode. Conversations open with no system prompt or a short one, or
 (in 30 % of the steps, one conversation each) a long one: mostly the system prompts the shipped configs
 really send (their text and tool list, :data:`LIVE_PROMPTS`), else up to 1200 random tokens. Some replies
@@ -123,7 +123,7 @@ class Recipe:
     learning_rate: float = 5e-3
     warmup_steps: int = 20
     seed: int = 0
-    max_turns: int = 4
+    max_turns: int = 6
     user_patches: tuple[int, int] = (1, 100)  # log-uniform: 0.16-16 s of user audio (speech or noise)
     typed_noise_share: float = 0.25  # typed user turns of random tokens ("any words") rather than USER_TEXTS
     typed_noise_tokens: tuple[int, int] = (1, 40)
