@@ -100,8 +100,8 @@ class StreamingSection(Section):
 
 class EngineSection(Section):
     """The engine: where it runs (a worker process of this server, ``local``, or a pool of Ray actors that any
-    number of front-ends share, ``ray``, which needs the ``ray`` extra), its CPU threads, its KV slots and the fast
-    step's compilation."""
+    number of front-ends share, ``ray``, which needs the ``ray`` extra), its CPU threads, its KV slots, the fast step's
+    compilation, and how the server supervises it (watchdog, restarts)."""
 
     threads: int = Field(
         0, ge=0, description="torch threads of the worker; 0: all cores but one on CPU, 2 on CUDA (it only launches)."
@@ -127,6 +127,12 @@ class EngineSection(Section):
     ray_health_timeout_secs: float = Field(
         3.0, gt=0, description="An engine silent this long (it reports every second) is killed and restarted."
     )
+
+    watchdog_secs: float = Field(
+        30.0, gt=0, description="A step loop with work pending and no progress for this long is killed and restarted."
+    )
+    restart_backoff_secs: float = Field(1.0, gt=0, description="First wait before restarting a dead engine; doubles.")
+    restart_backoff_max_secs: float = Field(60.0, gt=0, description="Longest wait between restart attempts.")
 
     @field_validator("compile", mode="before")
     @classmethod
@@ -161,6 +167,9 @@ class ServerSection(Section):
     ice_servers: list[str] = Field(default_factory=list)
     disconnect_timeout_secs: float = Field(5.0, gt=0, description="Hang up a client that sends no audio this long.")
     idle_timeout_secs: float = Field(120.0, gt=0, description="Say goodbye after this long without speech.")
+    drain_timeout_secs: float = Field(
+        30.0, ge=0, description="On SIGTERM or Ctrl-C: how long calls in progress may go on before they are ended."
+    )
     max_call_secs: float = Field(1800.0, gt=0, description="Say goodbye when a call has lasted this long.")
     max_sessions_per_client: int = Field(2, ge=1, description="Concurrent calls per client address (not Twilio).")
     max_offers_per_minute: int = Field(20, ge=1, description="WebRTC offers per client address per minute.")

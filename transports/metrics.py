@@ -89,6 +89,9 @@ class Gauge(Counter):
     def dec(self, *labels: str) -> None:
         self.inc(*labels, amount=-1.0)
 
+    def set(self, value: float, *labels: str) -> None:
+        self.values[self._key(labels)] = value
+
 
 class Histogram(Metric):
     kind = "histogram"
@@ -160,6 +163,15 @@ class ServerMetrics:
         self.tool_latency = Histogram(
             "mimo_voice_tool_call_seconds", "Tool call duration (dispatch to result).", TOOL_BUCKETS, ("tool",)
         )
+        self.engine_up = Gauge("mimo_voice_engine_up", "1 while the engine serves, 0 while it is down or loading.")
+        self.engine_restarts = Counter(
+            "mimo_voice_engine_restarts_total",
+            "Engine deaths (process exit or stalled step loop) that led to a restart.",
+        )
+        self.resident_memory = Gauge(
+            "mimo_voice_resident_memory_bytes", "Resident memory of the server and engine processes.", ("process",)
+        )
+        self.engine_load_failures = Counter("mimo_voice_engine_load_failures_total", "Engine loads that failed.")
         self._families: list[Metric] = [value for value in vars(self).values() if isinstance(value, Metric)]
         for transport in TRANSPORTS:  # so that dashboards see zeros rather than no series
             self.sessions_active.inc(transport, amount=0)

@@ -5,16 +5,21 @@ Routes: ``GET /`` (the page, transports/static/), ``GET /api/info``, ``GET /heal
 ``SmallWebRTCRequestHandler``) and ``WS /ws/twilio`` (phone.py). Each connection gets its own
 pipeline, built by a :data:`RunBot` function: the real agent by default, anything in tests.
 
-The process loads one engine and one tool registry before it serves, and every session shares
-them. Slots, session ids and how calls end are in sessions.py; the token, request limits and
-start-up checks in security.py. A WebRTC answer carries ``session_id`` and ``session_secret``:
-a renegotiation (``POST`` with ``pc_id``) or trickled ICE (``PATCH``) must send the secret back
-as ``session_secret``, so knowing a ``pc_id`` is not enough to take a call over.
+The process has one engine and one tool registry, and every session shares them. A local engine is owned
+by an :class:`~.supervisor.EngineSupervisor`, which loads it in the background and restarts it when it dies;
+new calls pass the admission gate (:mod:`.operations`): none while the engine is loading or down or the server
+drains (503 with ``Retry-After``; ``GET /health`` says which). Slots, session ids and how calls end are in
+sessions.py; the token, request limits and start-up checks in security.py; ``/v1/realtime`` in realtime/. A
+WebRTC answer carries ``session_id`` and ``session_secret``: a renegotiation (``POST`` with ``pc_id``) or
+trickled ICE (``PATCH``) must send the secret back as ``session_secret``, so knowing a ``pc_id`` is not enough
+to take a call over.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
 import socket
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -42,11 +47,12 @@ from pipecat.transports.smallwebrtc.request_handler import (
 from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
 from pydantic import BaseModel, Field
 
-from . import phone
+from . import operations, phone
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .realtime import add_realtime_route
 from .security import RequestGuard, check_exposure, resolve_auth_token, uvicorn_config
 from .sessions import BotContext, Refused, RunBot, Session, SessionHub, run_worker
+from .supervisor import EngineSupervisor
 
 __all__ = ["BotContext", "RunBot", "create_app", "main", "run_agent_bot", "run_worker"]
 
@@ -75,6 +81,26 @@ async def run_agent_bot(transport: BaseTransport, ctx: BotContext) -> None:
 
     ctx.say_goodbye = say_goodbye
     await run_worker(worker, transport, ctx)
+
+
+def _sample_memory(hub: SessionHub) -> None:
+    """Resident memory of this process and the engine's worker, as of this scrape (absent where unreadable)."""
+    engine_pid = getattr(hub.engine, "pid", None)
+    for process, pid in (("server", os.getpid()), ("engine", engine_pid)):
+        rss = operations.resident_bytes(pid) if pid is not None else None
+        if rss is not None:
+            hub.metrics.resident_memory.set(rss, process)
+        else:  # no engine (down or loading): no figure rather than a stale one
+            hub.metrics.resident_memory.values.pop((process,), None)
+
+
+def _supervisor(hub: SessionHub) -> EngineSupervisor:
+    def use(engine: Any) -> None:
+        hub.engine = engine
+
+    return EngineSupervisor(
+        hub.config, load=load_engine, gate=hub.gate, metrics=hub.metrics, on_engine=use, end_calls=hub.end_all
+    )
 
 
 class OfferBody(BaseModel):
@@ -114,12 +140,16 @@ def create_app(
     run_bot: RunBot | None = None,
     metrics: ServerMetrics | None = None,
 ) -> FastAPI:
-    """The server of one process. With no ``run_bot`` it serves the real agent: the engine and the tool
-    registry are loaded here (blocking) unless given, and an engine loaded here is closed at shutdown."""
+    """The server of one process. With no ``run_bot`` it serves the real agent: the tool registry is loaded
+    here unless given, and without an ``engine`` a local one is owned by an :class:`~.supervisor.EngineSupervisor`
+    that loads it in the background once the server starts (``/health`` says ``loading`` until then), restarts
+    it when it dies, and closes it at shutdown; the Ray pool (``engine.backend: ray``) is connected here (its
+    actors are restarted by Ray). A given engine is the caller's: neither supervised nor closed."""
+    supervised = run_bot is None and engine is None and config.engine.backend == "local"
     owned_engine = owned_tools = None
     if run_bot is None:
         run_bot = run_agent_bot
-        if engine is None:
+        if engine is None and not supervised:
             engine = owned_engine = load_engine(config)
         if tools is None:
             from mimo_voice.tools.registry import build_registry
@@ -128,12 +158,19 @@ def create_app(
     token = resolve_auth_token(config.server)
     hub = SessionHub(config, engine=engine, tools=tools, run_bot=run_bot, metrics=metrics or ServerMetrics())
     webrtc = SmallWebRTCRequestHandler(ice_servers=config.server.ice_servers or None)
+    supervisor = _supervisor(hub) if supervised else None
+    if supervisor is None:
+        hub.metrics.engine_up.set(1)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
+        supervising = asyncio.create_task(supervisor.run(), name="engine-supervisor") if supervisor else None
         yield
         await webrtc.close()
         await hub.close()
+        if supervising is not None:
+            supervising.cancel()
+            await asyncio.gather(supervising, return_exceptions=True)
         if owned_tools is not None:
             owned_tools.close()
         if owned_engine is not None:
@@ -149,6 +186,8 @@ def create_app(
     )
     app.state.hub = hub
     app.state.auth_token = token
+    app.state.gate = hub.gate
+    app.state.supervisor = supervisor
 
     def count_unauthorized(path: str) -> None:
         if path.startswith("/api/offer"):
@@ -161,6 +200,11 @@ def create_app(
 
     @app.websocket("/ws/twilio")
     async def twilio(websocket: WebSocket) -> None:
+        refusal = hub.gate.refusal()
+        if refusal is not None:
+            hub.metrics.sessions_refused.inc(refusal.status)
+            await operations.refuse_websocket(websocket, refusal)
+            return
         await phone.handle_twilio(websocket, hub)
 
     add_realtime_route(app, hub)
@@ -188,21 +232,22 @@ def _add_page_routes(app: FastAPI, hub: SessionHub) -> None:
     async def page() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html")
 
-    @app.get("/health", response_model=None)
-    async def health() -> dict[str, Any] | JSONResponse:
-        sessions = len(hub.sessions)
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        """200 ``ok`` while new calls are taken; 503 ``draining`` / ``engine_down`` / ``loading`` with a detail."""
+        status, body = hub.gate.health()
         health: dict[str, Any] = {
-            "status": "ok",
-            "sessions": sessions,
+            **body,
+            "sessions": len(hub.sessions),
             "max_sessions": config.server.max_sessions,
             "tiny": is_tiny,
             "auth_required": app.state.auth_token is not None,
         }
         if hasattr(hub.engine, "status"):  # the Ray pool: engines, ready, sessions per engine
             pool = health["engines"] = hub.engine.status()
-            if pool["ready"] == 0:  # nothing can take a call: a load balancer should send none here
-                return JSONResponse({**health, "status": "engine_down"}, status_code=503)
-        return health
+            if pool["ready"] == 0 and status == 200:  # nothing can take a call: a load balancer should send none
+                status, health["status"] = 503, "engine_down"
+        return JSONResponse(health, status_code=status)
 
     @app.get("/api/info")
     async def info() -> dict[str, Any]:
@@ -220,6 +265,7 @@ def _add_page_routes(app: FastAPI, hub: SessionHub) -> None:
 
     @app.get("/metrics")
     async def prometheus() -> PlainTextResponse:
+        _sample_memory(hub)
         pool = "".join(hub.engine.metrics()) if hasattr(hub.engine, "metrics") else ""
         return PlainTextResponse(hub.metrics.render() + pool, media_type=CONTENT_TYPE)
 
@@ -236,6 +282,10 @@ def _add_signalling_routes(app: FastAPI, hub: SessionHub, webrtc: SmallWebRTCReq
         _check_offer_sdp(body.sdp)
         if body.pc_id is not None:
             return await _renegotiate(webrtc, hub, body)
+        refusal = hub.gate.refusal()
+        if refusal is not None:
+            hub.metrics.sessions_refused.inc(refusal.status)
+            raise HTTPException(503, refusal.detail, headers=refusal.headers)
         session = _or_http_error(lambda: hub.reserve("webrtc", client=client))
         try:
             return await _new_call(webrtc, hub, session, body)
@@ -359,10 +409,20 @@ def main(config: Config, argv: list[str]) -> int:
     except (ConfigError, OSError) as exc:
         logger.error(str(exc))
         return 2
-    import uvicorn
 
     app = create_app(config)
-    server = uvicorn.Server(uvicorn_config(app, config.server, log_level=config.logging.level.lower()))
+    hub: SessionHub = app.state.hub
+
+    async def on_drain() -> None:
+        await operations.drain(hub.gate, lambda: len(hub.sessions), hub.end_all, config.server.drain_timeout_secs)
+
+    def on_force_exit() -> None:
+        if hub.engine is not None and hasattr(hub.engine, "kill"):
+            hub.engine.kill()
+
+    server = operations.DrainingServer(
+        uvicorn_config(app, config.server, log_level=config.logging.level.lower()), on_drain, on_force_exit
+    )
     logger.info(f"open http://{host}:{sock.getsockname()[1]}/ to talk to the agent")
     with sock:
         server.run(sockets=[sock])

@@ -47,6 +47,7 @@ from pipecat.processors.frameworks.rtvi.frames import RTVIServerMessageFrame
 from pipecat.transports.base_transport import BaseTransport
 from pipecat.workers.runner import WorkerRunner
 
+from . import operations
 from .metrics import ServerMetrics, TurnMetricsObserver
 
 # How long a new client may take to connect (ICE, DTLS, pipeline start) before its silence counts.
@@ -58,6 +59,8 @@ GOODBYE_GRACE_SECS = 15.0
 IDLE_NOTE = (
     "The caller has been silent for a long while. Say a short, friendly goodbye now, and nothing else: the call ends."
 )
+# How long the "call ended" message gets to reach the page before the connection is closed.
+END_MESSAGE_SECS = 0.3
 OVERTIME_NOTE = "The call has reached its time limit. Say a short, friendly goodbye now, and nothing else."
 
 TransportName = Literal["webrtc", "twilio", "realtime"]
@@ -145,6 +148,7 @@ class Session:
     started: float = field(default_factory=time.monotonic)
     pc_ids: set[str] = field(default_factory=set)  # WebRTC connection ids answered for this session
     running: bool = False
+    end: Callable[[str], Awaitable[None]] | None = None  # tells the caller why, then hangs up (set while it runs)
     lease: Any = None  # with the Ray backend: the call's place on one engine (streaming.cluster.pool.EngineLease)
 
 
@@ -157,6 +161,7 @@ class SessionHub:
         self._tasks: set[asyncio.Task[None]] = set()
         self._offers: defaultdict[str, deque[float]] = defaultdict(deque)
         self._pending_handshakes = 0
+        self.gate = operations.Gate()  # admission: draining, engine loading or down (operations.py)
 
     @property
     def is_full(self) -> bool:
@@ -254,6 +259,7 @@ class SessionHub:
             InputActivityObserver(),
         )
         hang_up = _once(hang_up)
+        session.end = _ender(ctx, hang_up)
         bot: asyncio.Task[None] = asyncio.create_task(self.run_bot(transport, ctx), name=f"bot-{session.id}")
         engine_lost = asyncio.create_task(_engine_lost(session.lease))
         try:
@@ -312,6 +318,14 @@ class SessionHub:
             await hang_up()  # the transport reports the client gone, and the bot winds down
             await asyncio.wait({bot}, timeout=BOT_EXIT_GRACE_SECS)
 
+    async def end_all(self, reason: str) -> None:
+        """Ends every call with ``reason`` shown to the caller, and waits (a while) for their slots to free."""
+        running = [session.end(reason) for session in list(self.sessions.values()) if session.end is not None]
+        await asyncio.gather(*running, return_exceptions=True)
+        deadline = time.monotonic() + BOT_EXIT_GRACE_SECS
+        while self.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
     async def close(self) -> None:
         """Stop every session (server shutdown)."""
         for task in list(self._tasks):
@@ -324,6 +338,16 @@ async def _engine_lost(lease: Any) -> str:
     if lease is None:
         await asyncio.get_running_loop().create_future()  # waits until cancelled
     return str(await lease.wait_closed())
+
+
+def _ender(ctx: BotContext, hang_up: Callable[[], Awaitable[None]]) -> Callable[[str], Awaitable[None]]:
+    async def end(reason: str) -> None:
+        if ctx.turn_metrics.notify is not None:  # the page shows it (transports/static/app.js)
+            await ctx.turn_metrics.notify({"type": "call-ended", "reason": reason})
+            await asyncio.sleep(END_MESSAGE_SECS)
+        await hang_up()
+
+    return end
 
 
 def _once(action: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:

@@ -180,6 +180,17 @@ class Engine:
         """The worker process's exit status (negative: killed by that signal); None while it runs."""
         return self._process.poll()
 
+    @property
+    def pid(self) -> int:
+        """The worker process's id (for operators, and tests that signal it)."""
+        return self._process.pid
+
+    def kill(self) -> None:
+        """Kills the worker process at once (a supervisor's answer to a hung step loop); :meth:`wait_closed`
+        then completes and pending work fails with :class:`EngineClosed`."""
+        if self._process.poll() is None:
+            self._process.kill()
+
     async def wait_closed(self) -> int:
         """Completes when the worker process has ended, for any reason; returns its exit status."""
         future = asyncio.get_running_loop().create_future()

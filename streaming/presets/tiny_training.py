@@ -4,12 +4,18 @@ Random weights alone would never find ``<|empty|>`` at the right places, so the 
 (text-head arbitration, patch decoder, streaming decode) would never run. A short deterministic
 training run on synthetic conversations (:func:`synthetic_conversation`, built with the same
 :class:`~.prompts.PromptBuilder` as live prompts) teaches the tiny LLM to answer a user turn with
-``<|sostm|>``, 5 text tokens and 5 ``<|empty|>`` audio positions alternately, ``<|eot|>`` after a
-one-sentence reply, five more patches and ``<|eostm|>``; in thinking mode ``<think>\\n`` a thought
-``</think>\\n`` first; in text tasks a sentence and ``<|im_end|>``. Replies come from a small fixed set
-of sentences, so a turn ends after a few seconds of babbled audio. Conversations have up to 5 turns; in a
-quarter of the steps they open with up to 1200 random tokens as system prompt (live ones carry tool
-schemas); some replies overshoot a run, to teach getting back into the format.
+``<|sostm|>``, 5 text tokens and 5 ``<|empty|>`` audio positions alternately, ``<|eot|>`` after the
+reply's text, five more patches and ``<|eostm|>``; in thinking mode ``<think>\n`` a thought ``</think>\n``
+first; in text tasks a sentence and ``<|im_end|>``.
+
+So that the default always answers, and long enough for barge-in to be measurable: every reply is one of a
+few fixed sentences of 24-29 tokens (4.0-4.8 s of babbled audio), and the user turns vary as live ones do:
+0.2-16 s of audio codes (log-uniform; speech and noise alike are codes the model cannot tell apart), typed
+text (known sentences, or random tokens: people type anything), tool results, up to 6 turns per
+conversation, half of them in thinking mode. Conversations open with no system prompt or a short one, or
+(in 30 % of the steps, one conversation each) a long one: mostly the system prompts the shipped configs
+really send (their text and tool list, :data:`LIVE_PROMPTS`), else up to 1200 random tokens. Some replies
+overshoot a run, to teach getting back into the format.
 
 What is trained, and why it is cheap: the tiny LLM is mostly its two 151 680-row matrices, but only
 the few hundred tokens of the synthetic data matter. Their embedding and ``lm_head`` rows are trained
@@ -83,19 +89,15 @@ SHAPING_MODULES = (
     prompts,
 )
 
+# Every reply is 24-29 tokens, then <|eot|>: 5-6 text chunks, so 25-30 patches, 4.0-4.8 s of audio. Few
+# replies with few shared words: after its first words the model knows the rest, and so where <|eot|> goes.
 REPLIES = (
-    "Hello! How can I help you today?",
-    "Sure, one moment please.",
-    "Let me check that for you.",
-    "The weather is sunny and warm.",
-    "Thank you for your patience.",
-    "Of course, no problem.",
-    "I am MiMo, a friendly voice assistant.",
-    "Here is what I found.",
-    "Is there anything else?",
-    "Have a great day, and goodbye.",
-    "What would you like to talk about?",
-    "Two plus two is four.",
+    "Hello there, thank you for calling today. I hope you are having a wonderful morning.",
+    "Sure, I can help with that right away. Let me look at the details for you.",
+    "The weather in the city is sunny and warm, with a light breeze from the west all afternoon.",
+    "Two plus two is four, and ten minus three is seven, if I count it right.",
+    "I am MiMo, a friendly voice assistant. Ask me anything you like, and I will do my best.",
+    "Thanks for your patience while we check this. Is there anything else I can do for you?",
 )
 THOUGHTS = (
     "The user wants help. I should answer briefly.",
@@ -108,24 +110,31 @@ SYSTEM_PROMPTS = (
     "You are MiMo-Audio, a friendly AI assistant and your response needs to be concise.",
     "You are a helpful voice assistant.",
 )
+# The system prompts the shipped configs send (their text plus the tool list): a snapshot, since the model
+# layer may not import the tools; tests/test_tiny_answers.py checks it against the live prompts.
+LIVE_PROMPTS_FILE = Path(__file__).with_name("live_prompts.json")
+LIVE_PROMPTS: tuple[str, ...] = tuple(json.loads(LIVE_PROMPTS_FILE.read_text(encoding="utf-8")).values())
 USER_TEXTS = ("Hello!", "What is the time?", "Could you help me?", "Tell me about the weather.")
 TOOL_RESULTS = ('{"time": "15:10"}', '{"result": 4}')
 
 
 @dataclass(frozen=True)
 class Recipe:
-    steps: int = 400
-    batch: int = 8
+    steps: int = 1000
+    batch: int = 4
     learning_rate: float = 5e-3
     warmup_steps: int = 20
     seed: int = 0
-    max_turns: int = 5
-    user_patches: tuple[int, int] = (1, 4)  # the user's audio only has to be there, not long
-    long_prompt_share: float = 0.25  # steps whose conversations open with a long system prompt of random tokens
+    max_turns: int = 6
+    user_patches: tuple[int, int] = (1, 100)  # log-uniform: 0.16-16 s of user audio (speech or noise)
+    typed_noise_share: float = 0.25  # typed user turns of random tokens ("any words") rather than USER_TEXTS
+    typed_noise_tokens: tuple[int, int] = (1, 40)
+    long_prompt_share: float = 0.3  # steps whose conversations open with a long system prompt
+    live_prompt_share: float = 0.7  # of those, a live one (LIVE_PROMPTS); else random tokens
     long_prompt_tokens: tuple[int, int] = (100, 1200)
-    long_prompt_batch: int = 2
+    long_prompt_batch: int = 1
     text_output_share: float = 0.2
-    thinking_share: float = 0.35
+    thinking_share: float = 0.5
     switch_weight: float = 4.0  # loss weight of the text <-> audio switches
     detour_share: float = 0.3  # replies with one overlong run (see _overrun)
     offset_head_strength: float = 5.0
@@ -190,13 +199,32 @@ def _overrun(
     return builder.tokens([rng.choice(reply) for _ in range(extra)])
 
 
-def _system_prompt(builder: PromptBuilder, rng: random.Random, noise_tokens: int) -> Positions:
-    """The opening of the first user turn: no system prompt or a short one, or ``noise_tokens`` random
-    tokens (live prompts carry tool schemas: a thousand tokens the model must read past)."""
-    if noise_tokens:
-        noise = [rng.randrange(TRAINED_VOCAB_SIZE) for _ in range(noise_tokens)]
-        return builder.text("<|im_start|>user\n") + builder.tokens(noise) + builder.text("\n\n")
+def _noise_tokens(rng: random.Random, count: int) -> list[int]:
+    return [rng.randrange(TRAINED_VOCAB_SIZE) for _ in range(count)]
+
+
+def _system_prompt(builder: PromptBuilder, rng: random.Random, long_prompt: str | int) -> Positions:
+    """The opening of the first user turn: no system prompt or a short one; or a long one (live prompts carry
+    tool schemas: a thousand tokens the model must read past): a live prompt, or ``long_prompt`` random tokens."""
+    if isinstance(long_prompt, str):
+        return builder.user_open(long_prompt)
+    if long_prompt:
+        return (
+            builder.text("<|im_start|>user\n") + builder.tokens(_noise_tokens(rng, long_prompt)) + builder.text("\n\n")
+        )
     return builder.user_open(rng.choice(SYSTEM_PROMPTS))
+
+
+def _user_patch_count(rng: random.Random, recipe: Recipe) -> int:
+    low, high = recipe.user_patches
+    return min(high, int(math.exp(rng.uniform(math.log(low), math.log(high + 1)))))
+
+
+def _typed(builder: PromptBuilder, rng: random.Random, recipe: Recipe) -> Positions:
+    """A typed user message: a known sentence, or random tokens (people type anything, in any script)."""
+    if rng.random() < recipe.typed_noise_share:
+        return builder.tokens(_noise_tokens(rng, rng.randint(*recipe.typed_noise_tokens)))
+    return builder.text(rng.choice(USER_TEXTS))
 
 
 def synthetic_conversation(
@@ -205,12 +233,12 @@ def synthetic_conversation(
     rng: random.Random,
     generator: torch.Generator,
     recipe: Recipe = RECIPE,
-    noise_tokens: int = 0,
+    long_prompt: str | int = 0,
 ) -> Example:
     """One to ``max_turns`` exchanges in the live formats; the assistant's positions carry the loss."""
     group = builder.group_size
     out = _Builder()
-    system_prompt = _system_prompt(builder, rng, noise_tokens)
+    system_prompt = _system_prompt(builder, rng, long_prompt)
     speech = rng.random() >= recipe.text_output_share
     for turn in range(rng.randint(1, recipe.max_turns)):
         if turn and rng.random() < 0.25:
@@ -218,10 +246,10 @@ def synthetic_conversation(
             continue
         opening = system_prompt if turn == 0 else builder.user_open(None)
         if speech or rng.random() < 0.5:
-            patches = _random_patches(rng.randint(*recipe.user_patches), vocab_sizes, group, generator)
+            patches = _random_patches(_user_patch_count(rng, recipe), vocab_sizes, group, generator)
             out.add(opening + builder.speech(patches) + builder.user_close())
         else:
-            out.add(opening + builder.text(rng.choice(USER_TEXTS)) + builder.user_close())
+            out.add(opening + _typed(builder, rng, recipe) + builder.user_close())
         thinking = rng.random() < recipe.thinking_share
         output = "speech" if speech else "text"
         out.add(builder.assistant_prefix(output, thinking))
@@ -251,10 +279,16 @@ def _batches(builder: PromptBuilder, vocab_sizes: list[int], recipe: Recipe) -> 
     generator = torch.Generator().manual_seed(recipe.seed)
     while True:
         if rng.random() < recipe.long_prompt_share:  # fewer, longer sequences: about the same work per step
-            batch = [rng.randint(*recipe.long_prompt_tokens) for _ in range(recipe.long_prompt_batch)]
+            batch = [_long_prompt(rng, recipe) for _ in range(recipe.long_prompt_batch)]
         else:
             batch = [0] * recipe.batch
-        yield [synthetic_conversation(builder, vocab_sizes, rng, generator, recipe, noise) for noise in batch]
+        yield [synthetic_conversation(builder, vocab_sizes, rng, generator, recipe, prompt) for prompt in batch]
+
+
+def _long_prompt(rng: random.Random, recipe: Recipe) -> str | int:
+    if rng.random() < recipe.live_prompt_share:
+        return rng.choice(LIVE_PROMPTS)
+    return rng.randint(*recipe.long_prompt_tokens)
 
 
 # --- training ------------------------------------------------------------------------------------
@@ -310,7 +344,7 @@ def _collate(examples: list[Example], pad: Positions) -> tuple[Tensor, Tensor, T
 def _vocabulary(builder: PromptBuilder, special: SpecialTokens) -> Tensor:
     """Every token of the synthetic data but the noise prompts: the same builder calls on every text it uses."""
     no_audio = torch.zeros(0, builder.group_size, len(builder.empty_row), dtype=torch.long)
-    pieces = [builder.user_speech_turn(no_audio, prompt) for prompt in SYSTEM_PROMPTS]
+    pieces = [builder.user_speech_turn(no_audio, prompt) for prompt in (*SYSTEM_PROMPTS, *LIVE_PROMPTS)]
     pieces += [builder.user_text_turn(text, prompt) for text in USER_TEXTS for prompt in SYSTEM_PROMPTS]
     pieces += [
         builder.assistant_prefix(output, thinking) for output in ("speech", "text") for thinking in (False, True)
@@ -401,7 +435,7 @@ def train_format(model: MiMoAudioForCausalLM, tokenizer, special: SpecialTokens,
 
 def _cache_key(preset: str, recipe: Recipe) -> str:
     digest = hashlib.sha256(json.dumps({"preset": preset, "recipe": dataclasses.asdict(recipe)}).encode())
-    for source in (*(module.__file__ for module in SHAPING_MODULES), __file__):
+    for source in (*(module.__file__ for module in SHAPING_MODULES), __file__, LIVE_PROMPTS_FILE):
         digest.update(Path(source).read_bytes())
     return digest.hexdigest()[:16]
 

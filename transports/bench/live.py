@@ -84,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--url", help="benchmark a running server (e.g. http://127.0.0.1:7860) instead of starting one from the config"
     )
     parser.add_argument("--token", help="bearer token for signalling (default: server.auth_token)")
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        metavar="M",
+        help="soak: callers keep calling for M minutes; also reports failed calls, early vs late latency and the "
+        "server's and engine's memory over time (default: each caller plays the scenario once)",
+    )
     add_json_argument(parser, default="bench_live.json")
     parser.add_argument("--plot", metavar="PATH", help="PNG plot (default: the JSON path with .png)")
     return parser
@@ -91,9 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(config: Config, argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
-    if args.callers < 1 or args.stagger < 0 or not 0 <= args.processes <= args.callers:
+    if args.callers < 1 or args.stagger < 0 or not 0 <= args.processes <= args.callers or (args.minutes or 1) <= 0:
         print(
-            f"{COMMAND}: --callers must be at least 1, --stagger not negative, --processes at most --callers",
+            f"{COMMAND}: --callers must be at least 1, --stagger not negative, --processes at most --callers, "
+            "--minutes positive",
             file=sys.stderr,
         )
         return 2
@@ -115,8 +123,11 @@ def main(config: Config, argv: Sequence[str]) -> int:
     try:
         with contextlib.ExitStack() as stack:
             url = args.url or stack.enter_context(local_server(config))
+            processes = args.processes or math.ceil(args.callers / CALLERS_PER_PROCESS)
+            if args.minutes:
+                return _soak(args, config, url, scenario, fixtures, token, processes)
             plan = CallPlan(url, scenario, fixtures, args.stagger, token, config.logging.level)
-            report = run_bench(plan, args.callers, args.processes or math.ceil(args.callers / CALLERS_PER_PROCESS))
+            report = run_bench(plan, args.callers, processes)
     except (ServerStartError, BrokenProcessPool) as exc:
         print(f"{COMMAND}: {exc or 'the callers process died'}", file=sys.stderr)
         return 1
@@ -147,6 +158,48 @@ def _plot(report: dict[str, Any], path: Path) -> bool:
         return False
     plot_report(report, path)
     return True
+
+
+def _soak(
+    args: argparse.Namespace,
+    config: Config,
+    url: str,
+    scenario: Scenario,
+    fixtures: list[Fixture],
+    token: str | None,
+    processes: int,
+) -> int:
+    """``--minutes``: the soak run (soak.py); the usual tables over all its calls, plus the soak table."""
+    from .soak import MemorySampler, SoakPlan, run_soak_callers, soak_summary, soak_table
+
+    origin = time.time()
+    plan = SoakPlan(
+        url, scenario, fixtures, args.stagger, token, config.logging.level, origin, origin + args.minutes * 60
+    )
+    stats = ServerStats(url, token)
+    before = asyncio.run(stats.snapshot())
+    with MemorySampler(url, token, origin) as sampler:
+        calls = run_soak_callers(plan, args.callers, processes)
+    after = asyncio.run(stats.snapshot())
+    totals = pool([call.analysis for call in calls if not call.error])
+    soak = soak_summary(calls, sampler.samples, args.minutes)
+    report = {
+        "scenario": scenario.model_dump(mode="json"),
+        "url": url,
+        "callers": args.callers,
+        "processes": processes,
+        "wall_secs": time.time() - origin,
+        "summary": summarize_run(totals, server_figures(before, after)),
+        "soak": soak,
+        "config": _describe_config(config, external=bool(args.url)),
+    }
+    figures = [*build_tables(report["summary"], scenario.name, args.callers), soak_table(soak)]
+    print_tables(figures)
+    write_json(Path(args.json), report, command=COMMAND, tables=figures)
+    print(f"\nwrote {args.json}")
+    for failed in soak["failed_calls"]:
+        print(f"{COMMAND}: caller {failed['caller']} failed at {failed['started_secs']:.0f} s: {failed['error']}")
+    return 1 if soak["failed_calls"] else 0
 
 
 def _warn_about_measurement(report: dict[str, Any]) -> None:

@@ -66,6 +66,11 @@ async def serve(websocket: WebSocket, hub: SessionHub, model: str | None, live: 
         hub.metrics.sessions_refused.inc("unauthorized")
         await _refuse(websocket, 401, "invalid_api_key", "missing or wrong API key (Authorization: Bearer <key>)")
         return
+    refusal = hub.gate.refusal()  # draining, or the engine loading or down
+    if refusal is not None:
+        hub.metrics.sessions_refused.inc(refusal.status)
+        await _refuse(websocket, 503, refusal.status, refusal.detail)
+        return
     if hub.engine is None:
         await _refuse(websocket, 503, "no_model", "this server has no model loaded")
         return

@@ -108,6 +108,8 @@ function serverMessage(data) {
   } else if (data.type === "tool-result") {
     const item = state.toolItems.get(data.id) || addItem("tool", `⚙ ${data.name}`);
     setMeta(item, `→ ${JSON.stringify(data.result)}${data.duration_ms == null ? "" : ` (${data.duration_ms} ms)`}`);
+  } else if (data.type === "call-ended") {
+    addItem("system", `call ended: ${data.reason}`);
   }
 }
 
