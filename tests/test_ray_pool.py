@@ -100,7 +100,7 @@ async def test_killed_engine_ends_its_calls_others_go_on_and_it_comes_back(pool)
     assert names(leases) == {"mimo-engine-0": 2, "mimo-engine-1": 2}
     sessions = [lease.new_session() for lease in leases]
     for lease, session in zip(leases, sessions):
-        session.text_hook = ForcedAudio(lease.engine, patches=100_000)  # speaks until cancelled
+        session.text_hook = ForcedAudio(lease.engine.special, patches=100_000)  # speaks until cancelled
     responses = [session.respond() for session in sessions]
     await asyncio.gather(*(first_audio(events) for events in responses))
 
@@ -158,7 +158,7 @@ async def test_hung_engine_fails_its_health_check_ends_its_call_and_is_restarted
     leases = [pool.lease(), pool.lease()]  # one on each engine
     lease = next(lease for lease in leases if lease.name == victim.name)
     session = lease.new_session()
-    session.text_hook = ForcedAudio(lease.engine, patches=100_000)
+    session.text_hook = ForcedAudio(lease.engine.special, patches=100_000)
     events = session.respond()
     await first_audio(events)
     restarts = victim.restarts

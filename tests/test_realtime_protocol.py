@@ -87,7 +87,7 @@ async def test_the_key_comes_as_bearer_or_browser_subprotocol_and_slots_are_shar
                 async with client.realtime.connect(model="mimo-audio"):
                     pass
             assert "503" in str(busy.value)
-        assert await metric(base_url, 'mimo_voice_sessions_refused_total{reason="capacity"}') == 1
+        assert await metric(base_url, 'mimo_voice_sessions_refused_total{reason="capacity"}', token="s3cret") == 1
         assert await until(lambda: not app.state.hub.sessions, timeout=10), "the browser's slot was not freed"
         async with realtime(base_url, api_key="s3cret") as (_connection, events):
             assert events.of("session.created")

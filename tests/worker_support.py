@@ -53,7 +53,7 @@ LENGTHS = (9, 14, 6, 11)  # positions per reply: rows leave the batch at differe
 
 def open_conversation(worker, session_id: int) -> Conversation:
     conversation = Conversation(worker, session_id, task="spoken_dialogue", system_prompt=None)
-    conversation.set_text_hook(EndAfter(LENGTHS[session_id % len(LENGTHS)], worker.special.eostm))
+    conversation.text_hook = EndAfter(LENGTHS[session_id % len(LENGTHS)], worker.special.eostm)
     with torch.inference_mode():
         conversation.feed_audio(voice(0.8, seed=session_id), 16_000)
     return conversation
