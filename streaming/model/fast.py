@@ -363,17 +363,20 @@ class FastMiMoAudio:
 
     # --- inputs ---
 
-    def _check_ids(self, text_ids: Tensor, codes: Tensor, batch_shape: tuple[int, ...], check_codes: bool) -> list[int]:
+    def _check_ids(
+        self, text_ids: Tensor | list[int], codes: Tensor, batch_shape: tuple[int, ...], check_codes: bool
+    ) -> list[int]:
         """Shapes and id ranges, on the CPU; returns the text ids as ints. A step's codes are not read
         (they come from :meth:`decode_patch`, which samples only valid ids), so that nothing syncs."""
         config = self.config
         want = (*batch_shape, config.group_size, config.audio_channels)
-        if tuple(text_ids.shape) != batch_shape or tuple(codes.shape) != want:
+        shape = (len(text_ids),) if isinstance(text_ids, list) else tuple(text_ids.shape)
+        if shape != batch_shape or tuple(codes.shape) != want:
             raise ValueError(
                 f"expected text ids {list(batch_shape)} and codes {list(want)}, "
-                f"got {list(text_ids.shape)} and {list(codes.shape)}"
+                f"got {list(shape)} and {list(codes.shape)}"
             )
-        ids = text_ids.tolist()  # callers pass CPU ids: no sync
+        ids = text_ids if isinstance(text_ids, list) else text_ids.tolist()  # callers pass CPU ids: no sync
         if min(ids) < 0 or max(ids) >= config.vocab_size:
             raise ValueError(f"text ids must lie in [0, {config.vocab_size})")
         if check_codes:
@@ -457,14 +460,15 @@ class FastMiMoAudio:
         return self._outputs(x[-1:])
 
     @torch.inference_mode()
-    def step(self, slots: Sequence[int], text_ids: Tensor, codes: Tensor) -> StepOutput:
-        """One new position per row (rows may sit at different lengths): text_ids Long[B] (CPU),
-        codes Long[B, group, channels]. Row i equals ``prefill(slots[i], text_ids[i:i+1], codes[i:i+1])``."""
+    def step(self, slots: Sequence[int], text_ids: Tensor | list[int], codes: Tensor) -> StepOutput:
+        """One new position per row (rows may sit at different lengths): text_ids Long[B] (CPU) or B ints
+        (the step loop's, read nowhere), codes Long[B, group, channels]. Row i equals
+        ``prefill(slots[i], text_ids[i:i+1], codes[i:i+1])``."""
         slots = list(slots)
         batch = len(slots)
         if batch == 0 or len(set(slots)) != batch:
             raise ValueError(f"step needs distinct slots, got {slots}")
-        ids = self._check_ids(text_ids.cpu(), codes, (batch,), check_codes=False)
+        ids = self._check_ids(text_ids if isinstance(text_ids, list) else text_ids.cpu(), codes, (batch,), False)
         lengths = self.pool.lengths(slots)
         if max(lengths) >= self.pool.capacity:
             raise ValueError(f"a slot is full ({self.pool.capacity} positions)")
