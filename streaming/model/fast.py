@@ -34,7 +34,7 @@ from torch import Tensor
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2Model
 
 from .configuration_mimo_audio import ConfigError
-from .fast_sampling import RowSampling, best_allowed, sample_rows
+from .fast_sampling import RowSampling, best_allowed, race_noises, sample_rows
 from .kv_pool import KVPool
 from .modeling_mimo_audio import MiMoAudioForCausalLM
 from .sampling import SamplingParams
@@ -547,6 +547,7 @@ class FastMiMoAudio:
         cache = self._decoder_cache(batch)
         greedy = sampling.mode == "greedy"
         x, sampled = local_in, []
+        noises = iter(()) if greedy else iter(self._race_noises(batch, generator))
         for step, plan in enumerate(self.decoder_steps):
             for index, layer in enumerate(stack.layers):
                 attend, slot = cache.attend(index, step), cache.slots[index][step]
@@ -558,7 +559,9 @@ class FastMiMoAudio:
                 if greedy:
                     tokens = torch.baddbmm(group.greedy_bias, inputs, group.heads_t).argmax(-1)
                 else:  # [channels, B, width] logits
-                    tokens = sample_rows(torch.bmm(inputs, group.heads_t), sampling, group.empty_ban, generator)
+                    logits = torch.bmm(inputs, group.heads_t)
+                    noise = next(noises).view(*logits.shape)
+                    tokens = sample_rows(logits, sampling, group.empty_ban, generator, race_noise=noise)
                 sampled.append(tokens)
                 if not last:  # the next input: the sum of the new codes' embeddings
                     embeds = group.tables[group.rows, tokens].sum(0)
@@ -567,6 +570,13 @@ class FastMiMoAudio:
                 x = F.linear(x, self.to_local)
         codes = torch.cat(sampled).index_select(0, self.frame_major)
         return codes.T.reshape(batch, config.group_size, config.audio_channels)
+
+    def _race_noises(self, batch: int, generator: torch.Generator | None) -> tuple[Tensor, ...]:
+        """The sampling noise of a whole patch, one draw: [channels * batch * width] per (step, head group)."""
+        sizes = [
+            group.heads_t.shape[0] * batch * group.heads_t.shape[2] for p in self.decoder_steps for group in p.groups
+        ]
+        return race_noises(sizes, generator, self.device)
 
     def _decoder_cache(self, batch: int) -> _DecoderCache:
         """The patch decoder's K/V for ``batch`` rows, kept between calls (every call overwrites what it reads)."""

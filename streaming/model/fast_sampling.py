@@ -106,22 +106,36 @@ def sample_rows(
     ban: Tensor | None,
     generator: torch.Generator | None = None,
     full_sort: bool | None = None,
+    race_noise: Tensor | None = None,
 ) -> Tensor:
     """``logits`` [..., B, V] (any leading dims: the patch decoder passes [channels, B, V]) -> ids [..., B]
     on the device, with no host sync. ``ban`` (bool, broadcastable to ``logits``) is applied after the
-    filters, as the reference sampler does."""
+    filters, as the reference sampler does. ``race_noise`` ([..., B, >= candidates], from :func:`race_noises`)
+    is the draw made beforehand; else it is drawn here from ``generator``."""
     scores = logits.float()
     if sampling.mode == "greedy":
         return best_allowed(scores, ban)
     values, ids = filtered(scores, sampling, ban, full_sort)
-    noise = torch.empty_like(values).uniform_(generator=generator)
-    race = values - noise.log_().neg_().log_()  # log p - log q up to a per-row constant, q = -log u ~ Exp(1)
+    if race_noise is None:
+        race_noise = race_noises(values.numel(), generator, values.device)[0].view(values.shape)
+    race = values + race_noise[..., : values.shape[-1]]
     best, choice = race.max(-1, keepdim=True)
     tokens = (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)
     fallback = torch.isneginf(best).squeeze(-1)  # only banned tokens survived the filters
     if sampling.mode == "mixed":
         fallback = fallback | sampling.greedy
     return torch.where(fallback, best_allowed(scores, ban), tokens)
+
+
+def race_noises(
+    sizes: int | Sequence[int], generator: torch.Generator | None, device: torch.device | str
+) -> tuple[Tensor, ...]:
+    """Flat float32 draws of -log q, q = -log u ~ Exp(1), u ~ U[0, 1), one per size, made by one draw:
+    argmax(log p - log q) is a draw from p (an exponential race). The patch decoder draws all of its steps'
+    noise at once, so that each of its samplers adds it instead of drawing."""
+    sizes = [sizes] if isinstance(sizes, int) else list(sizes)
+    noise = torch.empty(sum(sizes), device=device).uniform_(generator=generator)
+    return noise.log_().neg_().log_().neg_().split(sizes)
 
 
 def filtered(
