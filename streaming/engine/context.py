@@ -60,6 +60,11 @@ class Context:
         for text_id, codes in zip(positions.text_ids.tolist(), positions.codes):
             self.entries.append(Entry(text_id, codes.clone() if text_id == self.empty_token else None, segment))
 
+    def add(self, text_id: int, codes: Tensor | None, segment: Segment) -> None:
+        """Appends one generated position (``codes`` [group, channels] on the CPU for an audio one, kept as
+        given): the step loop's per-position path, with no tensor built or read back."""
+        self.entries.append(Entry(text_id, codes, segment))
+
     def positions(self, start: int = 0, end: int | None = None) -> Positions:
         entries = self.entries[start:end]
         text_ids = torch.tensor([entry.text_id for entry in entries], dtype=torch.long)

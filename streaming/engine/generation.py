@@ -111,8 +111,7 @@ class Generation:
         routes it: events go out now, before the backbone step; the patch's PCM is decoded by
         :meth:`decode_audio` after it."""
         conv = self.conv
-        positions = conv.builder.audio(codes[None]) if codes is not None else conv.builder.tokens([token])
-        conv.context.append(positions, self.segment)
+        conv.context.add(token, codes, self.segment)
         self.tokens.append(token)
         if codes is not None:
             self._route_patch(codes)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, cast
 
 import torch
 from loguru import logger
-from mimo_voice.streaming.model.fast import FastMiMoAudio, StepOutput
+from mimo_voice.streaming.model.fast import FastMiMoAudio, RowSampling, StepOutput
 from mimo_voice.streaming.model.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -43,6 +43,7 @@ class StepScheduler:
         self.empty_codes = empty_codes  # [group, channels] on the device: the codes of a text position
         self.empty_token = empty_token
         self._ban_masks: dict[tuple[int, ...], torch.Tensor] = {}
+        self._row_samplings: dict[tuple, RowSampling] = {}
 
     def step(self, generations: Iterable[Generation]) -> None:
         began = time.perf_counter()
@@ -108,7 +109,7 @@ class StepScheduler:
             group = [rows[i] for i in indices]
             logits = torch.cat([g.last.text_logits for g in group])
             banned = torch.stack([self._ban_mask(g.banned()) for g in group])
-            params = group[0].conv.text_sampler.params
+            params = self._rows(group[0].conv.text_sampler.params, len(group))
             draws.append(self.fast.sample_text(logits, params, banned, self._generator(group)))
             order.extend(indices)
         if draws:
@@ -133,8 +134,16 @@ class StepScheduler:
 
     def _decode_group(self, rows: list[Generation]) -> torch.Tensor:
         local_in = torch.cat([g.last.local_in for g in rows])
-        params = rows[0].conv.audio_sampler.params
+        params = self._rows(rows[0].conv.audio_sampler.params, len(rows))
         return self.fast.decode_patch(local_in, params, self._generator(rows))
+
+    def _rows(self, params: SamplingParams, batch: int) -> RowSampling:
+        """``params`` for ``batch`` rows as device tensors, built once per (parameters, batch size)."""
+        key = (*_key(params), batch)
+        rows = self._row_samplings.get(key)
+        if rows is None:
+            rows = self._row_samplings[key] = RowSampling.build(params, batch, self.fast.device)
+        return rows
 
     def _generator(self, rows: list[Generation]) -> torch.Generator | None:
         """A lone row draws from its session's generator, as it always did; rows sampled together draw from the
@@ -148,7 +157,7 @@ class StepScheduler:
         slots_of = {g: _slot(g) for g, _ in batch}
         batch = sorted(batch, key=lambda row: slots_of[row[0]])  # ascending slots: the pool is read as a view
         slots = [slots_of[g] for g, _ in batch]
-        text_ids = torch.tensor([t for _, t in batch])  # on the CPU: the step decides text vs audio there
+        text_ids = [t for _, t in batch]  # ints: the step decides text vs audio from them without a read
         codes = torch.stack([patch_codes.get(g, self.empty_codes) for g, _ in batch])
         out = self.fast.step(slots, text_ids, codes)
         for index, (generation, _) in enumerate(batch):

@@ -34,7 +34,7 @@ from torch import Tensor
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2Model
 
 from .configuration_mimo_audio import ConfigError
-from .fast_sampling import RowSampling, best_allowed, sample_rows
+from .fast_sampling import RowSampling, best_allowed, race_noises, sample_rows
 from .kv_pool import KVPool
 from .modeling_mimo_audio import MiMoAudioForCausalLM
 from .sampling import SamplingParams
@@ -363,17 +363,20 @@ class FastMiMoAudio:
 
     # --- inputs ---
 
-    def _check_ids(self, text_ids: Tensor, codes: Tensor, batch_shape: tuple[int, ...], check_codes: bool) -> list[int]:
+    def _check_ids(
+        self, text_ids: Tensor | list[int], codes: Tensor, batch_shape: tuple[int, ...], check_codes: bool
+    ) -> list[int]:
         """Shapes and id ranges, on the CPU; returns the text ids as ints. A step's codes are not read
         (they come from :meth:`decode_patch`, which samples only valid ids), so that nothing syncs."""
         config = self.config
         want = (*batch_shape, config.group_size, config.audio_channels)
-        if tuple(text_ids.shape) != batch_shape or tuple(codes.shape) != want:
+        shape = (len(text_ids),) if isinstance(text_ids, list) else tuple(text_ids.shape)
+        if shape != batch_shape or tuple(codes.shape) != want:
             raise ValueError(
                 f"expected text ids {list(batch_shape)} and codes {list(want)}, "
-                f"got {list(text_ids.shape)} and {list(codes.shape)}"
+                f"got {list(shape)} and {list(codes.shape)}"
             )
-        ids = text_ids.tolist()  # callers pass CPU ids: no sync
+        ids = text_ids if isinstance(text_ids, list) else text_ids.tolist()  # callers pass CPU ids: no sync
         if min(ids) < 0 or max(ids) >= config.vocab_size:
             raise ValueError(f"text ids must lie in [0, {config.vocab_size})")
         if check_codes:
@@ -457,14 +460,15 @@ class FastMiMoAudio:
         return self._outputs(x[-1:])
 
     @torch.inference_mode()
-    def step(self, slots: Sequence[int], text_ids: Tensor, codes: Tensor) -> StepOutput:
-        """One new position per row (rows may sit at different lengths): text_ids Long[B] (CPU),
-        codes Long[B, group, channels]. Row i equals ``prefill(slots[i], text_ids[i:i+1], codes[i:i+1])``."""
+    def step(self, slots: Sequence[int], text_ids: Tensor | list[int], codes: Tensor) -> StepOutput:
+        """One new position per row (rows may sit at different lengths): text_ids Long[B] (CPU) or B ints
+        (the step loop's, read nowhere), codes Long[B, group, channels]. Row i equals
+        ``prefill(slots[i], text_ids[i:i+1], codes[i:i+1])``."""
         slots = list(slots)
         batch = len(slots)
         if batch == 0 or len(set(slots)) != batch:
             raise ValueError(f"step needs distinct slots, got {slots}")
-        ids = self._check_ids(text_ids.cpu(), codes, (batch,), check_codes=False)
+        ids = self._check_ids(text_ids if isinstance(text_ids, list) else text_ids.cpu(), codes, (batch,), False)
         lengths = self.pool.lengths(slots)
         if max(lengths) >= self.pool.capacity:
             raise ValueError(f"a slot is full ({self.pool.capacity} positions)")
@@ -543,6 +547,7 @@ class FastMiMoAudio:
         cache = self._decoder_cache(batch)
         greedy = sampling.mode == "greedy"
         x, sampled = local_in, []
+        noises = iter(()) if greedy else iter(self._race_noises(batch, generator))
         for step, plan in enumerate(self.decoder_steps):
             for index, layer in enumerate(stack.layers):
                 attend, slot = cache.attend(index, step), cache.slots[index][step]
@@ -554,7 +559,9 @@ class FastMiMoAudio:
                 if greedy:
                     tokens = torch.baddbmm(group.greedy_bias, inputs, group.heads_t).argmax(-1)
                 else:  # [channels, B, width] logits
-                    tokens = sample_rows(torch.bmm(inputs, group.heads_t), sampling, group.empty_ban, generator)
+                    logits = torch.bmm(inputs, group.heads_t)
+                    noise = next(noises).view(*logits.shape)
+                    tokens = sample_rows(logits, sampling, group.empty_ban, generator, race_noise=noise)
                 sampled.append(tokens)
                 if not last:  # the next input: the sum of the new codes' embeddings
                     embeds = group.tables[group.rows, tokens].sum(0)
@@ -563,6 +570,13 @@ class FastMiMoAudio:
                 x = F.linear(x, self.to_local)
         codes = torch.cat(sampled).index_select(0, self.frame_major)
         return codes.T.reshape(batch, config.group_size, config.audio_channels)
+
+    def _race_noises(self, batch: int, generator: torch.Generator | None) -> tuple[Tensor, ...]:
+        """The sampling noise of a whole patch, one draw: [channels * batch * width] per (step, head group)."""
+        sizes = [
+            group.heads_t.shape[0] * batch * group.heads_t.shape[2] for p in self.decoder_steps for group in p.groups
+        ]
+        return race_noises(sizes, generator, self.device)
 
     def _decoder_cache(self, batch: int) -> _DecoderCache:
         """The patch decoder's K/V for ``batch`` rows, kept between calls (every call overwrites what it reads)."""

@@ -41,6 +41,7 @@ class RowSampling:
     greedy: Tensor  # [B] bool
     mode: str  # "greedy" (every row), "sample" (every row) or "mixed"
     max_top_k: int | None  # the largest top-k of the sampled rows; None when one of them has none
+    any_top_k: bool  # some sampled row filters by top-k
     any_top_p: bool  # some sampled row filters by top-p
     any_filter: bool  # some sampled row filters by top-k or top-p (else the draw is over the whole vocabulary)
 
@@ -70,16 +71,16 @@ class RowSampling:
             for v, dtype in zip(values, (torch.float32, torch.long, torch.float32, torch.bool))
         )
         max_top_k = None if any(p.top_k is None for p in sampled) else max((p.top_k or 1) for p in sampled or rows)
+        any_top_k = any(p.top_k is not None for p in sampled)
         any_top_p = any(p.top_p < 1.0 for p in sampled)
-        any_filter = any_top_p or any(p.top_k is not None for p in sampled)
-        return cls(temperature, top_k, top_p, greedy, mode, max_top_k, any_top_p, any_filter)
+        return cls(temperature, top_k, top_p, greedy, mode, max_top_k, any_top_k, any_top_p, any_top_k or any_top_p)
 
     @classmethod
     def generic(cls, batch: int, device: torch.device | str) -> RowSampling:
         """Flags that serve every parameter value (a full sort, greedy decided per row): what a
         captured CUDA graph runs; the tensors are meant to be overwritten in place before each replay."""
         base = cls.build(SamplingParams(do_sample=False), batch, device)
-        return cls(base.temperature, base.top_k, base.top_p, base.greedy, "mixed", None, True, True)
+        return cls(base.temperature, base.top_k, base.top_p, base.greedy, "mixed", None, True, True, True)
 
     def copy_rows_(self, other: RowSampling) -> None:
         """Write ``other``'s rows into the first rows of these tensors; the rest become greedy rows."""
@@ -105,22 +106,36 @@ def sample_rows(
     ban: Tensor | None,
     generator: torch.Generator | None = None,
     full_sort: bool | None = None,
+    race_noise: Tensor | None = None,
 ) -> Tensor:
     """``logits`` [..., B, V] (any leading dims: the patch decoder passes [channels, B, V]) -> ids [..., B]
     on the device, with no host sync. ``ban`` (bool, broadcastable to ``logits``) is applied after the
-    filters, as the reference sampler does."""
+    filters, as the reference sampler does. ``race_noise`` ([..., B, >= candidates], from :func:`race_noises`)
+    is the draw made beforehand; else it is drawn here from ``generator``."""
     scores = logits.float()
     if sampling.mode == "greedy":
         return best_allowed(scores, ban)
     values, ids = filtered(scores, sampling, ban, full_sort)
-    noise = torch.empty_like(values).uniform_(generator=generator)
-    race = values - noise.log_().neg_().log_()  # log p - log q up to a per-row constant, q = -log u ~ Exp(1)
-    choice = race.argmax(-1, keepdim=True)
+    if race_noise is None:
+        race_noise = race_noises(values.numel(), generator, values.device)[0].view(values.shape)
+    race = values + race_noise[..., : values.shape[-1]]
+    best, choice = race.max(-1, keepdim=True)
     tokens = (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)
-    fallback = torch.isneginf(values).all(-1)  # only banned tokens survived the filters
+    fallback = torch.isneginf(best).squeeze(-1)  # only banned tokens survived the filters
     if sampling.mode == "mixed":
         fallback = fallback | sampling.greedy
     return torch.where(fallback, best_allowed(scores, ban), tokens)
+
+
+def race_noises(
+    sizes: int | Sequence[int], generator: torch.Generator | None, device: torch.device | str
+) -> tuple[Tensor, ...]:
+    """Flat float32 draws of -log q, q = -log u ~ Exp(1), u ~ U[0, 1), one per size, made by one draw:
+    argmax(log p - log q) is a draw from p (an exponential race). The patch decoder draws all of its steps'
+    noise at once, so that each of its samplers adds it instead of drawing."""
+    sizes = [sizes] if isinstance(sizes, int) else list(sizes)
+    noise = torch.empty(sum(sizes), device=device).uniform_(generator=generator)
+    return noise.log_().neg_().log_().neg_().split(sizes)
 
 
 def filtered(
@@ -132,9 +147,10 @@ def filtered(
     ids = None
     if sampling.any_filter:
         values, ids = _candidates(values, sampling, scores.shape[-1], full_sort)
-        last = values.shape[-1] - 1
-        kth = values.gather(-1, (sampling.top_k[:, None] - 1).clamp(max=last).expand_as(values[..., :1]))
-        values = values.masked_fill(values < kth, float("-inf"))
+        if sampling.any_top_k:
+            last = values.shape[-1] - 1
+            kth = values.gather(-1, (sampling.top_k[:, None] - 1).clamp(max=last).expand_as(values[..., :1]))
+            values = values.masked_fill(values < kth, float("-inf"))
         if sampling.any_top_p:
             probs = values.softmax(-1)
             values = values.masked_fill(probs.cumsum(-1) - probs >= sampling.top_p[:, None], float("-inf"))
