@@ -32,6 +32,7 @@ async def test_a_closed_gate_answers_503_everywhere(state, status, detail):
             "sessions": 0,
             "max_sessions": 4,
             "tiny": True,
+            "auth_required": False,
         }
         assert detail in health.json()["detail"]
         offer = await http.post("/api/offer", json={"sdp": await audio_offer(), "type": "offer"})

@@ -10,6 +10,7 @@ from mimo_voice.configs.schema import SamplerParams, TaskSampling
 from mimo_voice.streaming.bench.ops import checkpoint_paths
 from mimo_voice.streaming.engine.conversation import Conversation
 from mimo_voice.streaming.engine.events import AudioPatch, TurnEnd
+from mimo_voice.streaming.engine.protocol import EventMessage
 from mimo_voice.streaming.engine.worker import Worker
 from session_support import cpu_config, voice
 
@@ -34,8 +35,8 @@ class Outbox:
         self.events: dict[int, list] = {}
 
     def send(self, message) -> None:
-        if message[0] == "event":
-            self.events.setdefault(message[1], []).append(message[3])
+        if isinstance(message, EventMessage):
+            self.events.setdefault(message.session_id, []).append(message.event)
 
 
 class EndAfter:

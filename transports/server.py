@@ -403,6 +403,10 @@ def main(config: Config, argv: list[str]) -> int:
     """``mimo-voice serve``: load the engine and the tools once, then serve until interrupted."""
     argparse.ArgumentParser(prog="mimo-voice serve", description="Run the WebRTC/phone server.").parse_args(argv)
     host, port = config.server.host, config.server.port
+    if config.engine.backend == "local":
+        from mimo_voice.streaming.engine.engine import check_checkpoints
+
+        check_checkpoints(config)  # a bad checkpoint config is one line from the CLI, not a restart loop
     try:
         check_exposure(config.server, resolve_auth_token(config.server))
         sock = _bind(host, port)  # before the slow part, so that a busy port fails at once

@@ -35,6 +35,7 @@ from mimo_voice.configs import Config
 from mimo_voice.configs.errors import EngineClosed, EngineError
 from mimo_voice.streaming.model.audio import pcm16_to_float, resample
 from mimo_voice.streaming.model.checkpoint import resolve_checkpoint_dir
+from mimo_voice.streaming.model.configuration_audio_tokenizer import AudioTokenizerConfig
 from mimo_voice.streaming.model.configuration_mimo_audio import MiMoAudioConfig
 from mimo_voice.streaming.model.prompts import PromptBuilder, check_mode, task_format
 from mimo_voice.streaming.model.text_tokenizer import SpecialTokens, load_text_tokenizer
@@ -340,6 +341,19 @@ def _stop_process(process: subprocess.Popen) -> None:
 def _log_failure(future: concurrent.futures.Future) -> None:
     if not future.cancelled() and future.exception() is not None:
         logger.opt(exception=future.exception()).error("the engine could not open a session")
+
+
+def check_checkpoints(config: Config) -> None:
+    """Reads the configured checkpoints' ``config.json`` files (local folders only; a hub id is checked when the
+    engine loads it): a :class:`~mimo_voice.configs.errors.MimoVoiceError` naming the problem, before a server
+    starts serving and its supervisor starts retrying loads that cannot succeed."""
+    if config.model.path is None:
+        return
+    llm, codec = Path(config.model.path).expanduser(), Path(config.model.tokenizer_path or "").expanduser()
+    if llm.is_dir():
+        MiMoAudioConfig.from_pretrained(llm)
+    if config.model.tokenizer_path and codec.is_dir():
+        AudioTokenizerConfig.from_pretrained(codec)
 
 
 def read_voice_prompt(path: str | Path) -> np.ndarray:
