@@ -96,7 +96,7 @@ def live_prompts() -> dict[str, str]:
 
 def test_the_tiny_training_prompts_are_the_live_ones():
     """The tiny model trains on a snapshot of the live system prompts; a changed tool list or prompt text must
-    renew it (``python -m tests.test_tiny_answers``), which retrains the model on first use."""
+    renew it (``(cd tests && python test_tiny_answers.py)``), which retrains the model on first use."""
     assert json.loads(tiny_training.LIVE_PROMPTS_FILE.read_text(encoding="utf-8")) == live_prompts()
 
 
