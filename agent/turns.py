@@ -12,7 +12,7 @@ audio the VAD itself judged voiced.
 
 from __future__ import annotations
 
-from pipecat.audio.vad.vad_analyzer import VADAnalyzer, VADParams, VADState
+from pipecat.audio.vad.vad_analyzer import VADAnalyzer, VADState
 from pipecat.frames.frames import (
     BotStartedSpeakingFrame,
     BotStoppedSpeakingFrame,
@@ -24,10 +24,12 @@ from pipecat.frames.frames import (
 from pipecat.turns.types import ProcessFrameResult
 from pipecat.turns.user_start import BaseUserTurnStartStrategy
 
+from .vad import DelegatingVAD
+
 _VOICED_STATES = (VADState.STARTING, VADState.SPEAKING)
 
 
-class VoicedSpeechProbe(VADAnalyzer):
+class VoicedSpeechProbe(DelegatingVAD):
     """A VAD analyzer that delegates to ``inner`` and remembers whether the audio it last analysed was voiced.
 
     The VAD's own state machine only changes state after ``start_secs``/``stop_secs``; the intermediate
@@ -35,38 +37,13 @@ class VoicedSpeechProbe(VADAnalyzer):
     """
 
     def __init__(self, inner: VADAnalyzer) -> None:
-        super().__init__(params=inner.params)
-        self._inner = inner
+        super().__init__(inner)
         self.voiced = False
-
-    @property
-    def sample_rate(self) -> int:
-        return self._inner.sample_rate
-
-    @property
-    def params(self) -> VADParams:
-        return self._inner.params
-
-    def num_frames_required(self) -> int:
-        return self._inner.num_frames_required()
-
-    def voice_confidence(self, buffer: bytes) -> float:
-        return self._inner.voice_confidence(buffer)
-
-    def set_sample_rate(self, sample_rate: int) -> None:
-        self._inner.set_sample_rate(sample_rate)
-
-    def set_params(self, params: VADParams) -> None:
-        self._inner.set_params(params)
 
     async def analyze_audio(self, buffer: bytes) -> VADState:
         state = await self._inner.analyze_audio(buffer)
         self.voiced = state in _VOICED_STATES
         return state
-
-    async def cleanup(self) -> None:
-        await self._inner.cleanup()
-        await super().cleanup()
 
 
 class BargeInGuardUserTurnStartStrategy(BaseUserTurnStartStrategy):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import webrtcvad
 from mimo_voice.configs.schema import VADSection
 from pipecat.audio.turn.base_turn_analyzer import BaseTurnAnalyzer
-from pipecat.audio.vad.vad_analyzer import VADAnalyzer, VADParams
+from pipecat.audio.vad.vad_analyzer import VADAnalyzer, VADParams, VADState
 
 WEBRTCVAD_SAMPLE_RATES = (8000, 16000, 32000, 48000)
 SILERO_SAMPLE_RATES = (8000, 16000)
@@ -105,3 +105,38 @@ def create_turn_analyzer(vad: VADSection) -> BaseTurnAnalyzer | None:
     from pipecat.audio.turn.smart_turn.local_smart_turn_v3 import LocalSmartTurnAnalyzerV3
 
     return LocalSmartTurnAnalyzerV3()
+
+
+class DelegatingVAD(VADAnalyzer):
+    """A VAD analyzer that hands everything to ``inner``; subclasses change :meth:`analyze_audio` only."""
+
+    def __init__(self, inner: VADAnalyzer) -> None:
+        super().__init__(params=inner.params)
+        self._inner = inner
+
+    @property
+    def sample_rate(self) -> int:
+        return self._inner.sample_rate
+
+    @property
+    def params(self) -> VADParams:
+        return self._inner.params
+
+    def num_frames_required(self) -> int:
+        return self._inner.num_frames_required()
+
+    def voice_confidence(self, buffer: bytes) -> float:
+        return self._inner.voice_confidence(buffer)
+
+    def set_sample_rate(self, sample_rate: int) -> None:
+        self._inner.set_sample_rate(sample_rate)
+
+    def set_params(self, params: VADParams) -> None:
+        self._inner.set_params(params)
+
+    async def analyze_audio(self, buffer: bytes) -> VADState:
+        return await self._inner.analyze_audio(buffer)
+
+    async def cleanup(self) -> None:
+        await self._inner.cleanup()
+        await super().cleanup()

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from mimo_voice.agent.service import MiMoAudioService
+from mimo_voice.agent.vad import DelegatingVAD
 from mimo_voice.streaming.engine.events import SAMPLE_RATE, SAMPLES_PER_PATCH
 from pipecat.audio.vad.vad_analyzer import VADAnalyzer, VADParams, VADState
 from pipecat.metrics.metrics import LLMUsageMetricsData
@@ -33,40 +34,15 @@ if TYPE_CHECKING:
 SAMPLES_PER_MS = SAMPLE_RATE // 1000
 
 
-class SwitchableVAD(VADAnalyzer):
+class SwitchableVAD(DelegatingVAD):
     """The project's VAD, silenced while the client drives turns itself (``turn_detection: null``)."""
 
     def __init__(self, inner: VADAnalyzer) -> None:
-        super().__init__(params=inner.params)
-        self._inner = inner
+        super().__init__(inner)
         self.enabled = True
-
-    @property
-    def sample_rate(self) -> int:
-        return self._inner.sample_rate
-
-    @property
-    def params(self) -> VADParams:
-        return self._inner.params
-
-    def num_frames_required(self) -> int:
-        return self._inner.num_frames_required()
-
-    def voice_confidence(self, buffer: bytes) -> float:
-        return self._inner.voice_confidence(buffer)
-
-    def set_sample_rate(self, sample_rate: int) -> None:
-        self._inner.set_sample_rate(sample_rate)
-
-    def set_params(self, params: VADParams) -> None:
-        self._inner.set_params(params)
 
     async def analyze_audio(self, buffer: bytes) -> VADState:
         return await self._inner.analyze_audio(buffer) if self.enabled else VADState.QUIET
-
-    async def cleanup(self) -> None:
-        await self._inner.cleanup()
-        await super().cleanup()
 
 
 @dataclass
