@@ -120,7 +120,7 @@ TOOL_RESULTS = ('{"time": "15:10"}', '{"result": 4}')
 
 @dataclass(frozen=True)
 class Recipe:
-    steps: int = 1000
+    steps: int = 1400
     batch: int = 4
     learning_rate: float = 5e-3
     warmup_steps: int = 20
