@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from typing import Any
 
@@ -14,6 +14,7 @@ import pytest
 from mimo_voice.configs import load_config
 from openai import AsyncOpenAI
 from pipecat.audio.utils import create_stream_resampler
+from transports_support import wait_until as until  # noqa: F401 (re-exported for the realtime tests)
 
 CHUNK_SECS = 0.04
 
@@ -107,12 +108,3 @@ async def stream(connection: Any, audio: bytes, bytes_per_sec: int, realtime: bo
         await connection.input_audio_buffer.append(audio=b64(audio[offset : offset + step]))
         if realtime:
             await asyncio.sleep(CHUNK_SECS)
-
-
-async def until(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
