@@ -9,7 +9,19 @@
 
 import pytest
 
-E2E_MODULES = {"test_transports_browser", "test_transports_webrtc", "test_transports_twilio", "test_bench_live"}
+E2E_MODULES = {  # a real server (in-process or a subprocess), bench live, or a Ray cluster
+    "test_transports_browser",
+    "test_transports_webrtc",
+    "test_transports_twilio",
+    "test_transports_drain",
+    "test_transports_supervision",
+    "test_realtime_turns",
+    "test_realtime_options",
+    "test_realtime_pipecat",
+    "test_bench_live",
+    "test_bench_soak",
+    "test_ray_pool",
+}
 ENGINE_MODULES = {
     "test_engine",
     "test_engine_bench",
@@ -17,10 +29,16 @@ ENGINE_MODULES = {
     "test_session_cache",
     "test_session_context",
     "test_agent_engine",
+    "test_tiny_answers",
 }
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Marks each test's tier by its module, and skips tests marked ``cuda`` where torch sees no CUDA device
+    (scripts/gpu-check runs them)."""
+    import torch
+
+    no_cuda = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         module = item.module.__name__ if item.module else ""
         if module in E2E_MODULES:
@@ -29,18 +47,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.engine)
         else:
             item.add_marker(pytest.mark.unit)
-
-
-def pytest_collection_modifyitems(config, items):
-    """Tests marked ``cuda`` are skipped where torch sees no CUDA device (scripts/gpu-check runs them)."""
-    import torch
-
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
-    for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+        if "cuda" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_cuda)
 
 
 @pytest.fixture(scope="session")

@@ -48,6 +48,7 @@ def test_a_steady_run_passes_every_verdict():
 
 @needs_espeak
 @pytest.mark.slow
+@pytest.mark.xdist_group("soak")  # the two loaded runs take turns, not the CPU from each other
 @pytest.mark.timeout(600)
 def test_a_two_minute_soak_on_the_tiny_model(tmp_path, capsys):
     from mimo_voice.transports.bench.live import main
@@ -71,6 +72,7 @@ def _latencies(results: list[dict]) -> list[float]:
 
 @needs_espeak
 @pytest.mark.slow
+@pytest.mark.xdist_group("soak")
 @pytest.mark.timeout(600)
 def test_over_capacity_exactly_the_extra_callers_get_503_and_the_admitted_keep_their_latency():
     capacity = 2

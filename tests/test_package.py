@@ -30,3 +30,9 @@ def test_packaged_yaml_is_installed():
     from mimo_voice.configs import CONFIG_DIR
 
     assert {"default.yaml", "support.yaml", "phone.yaml"} <= {p.name for p in CONFIG_DIR.glob("*.yaml")}
+
+
+def test_every_test_is_in_one_tier(request):
+    """conftest.py marks each test unit, engine or e2e (``scripts/dev test -m unit`` selects the fast tier)."""
+    tiers = {name for name in ("unit", "engine", "e2e") if request.node.get_closest_marker(name)}
+    assert tiers == {"unit"}

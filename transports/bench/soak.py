@@ -131,7 +131,11 @@ def run_soak_callers(plan: SoakPlan, callers: int, processes: int) -> list[SoakC
                 caller, error = finished.get(timeout=0.5)
                 calls, failed = calls + 1, failed + bool(error)
                 left = max(0.0, plan.deadline - time.time())
-                print(f"soak: {calls} calls, {failed} failed, {left / 60:.1f} min to go (caller {caller})", flush=True)
+                outcome = f"failed: {error}" if error else "ok"
+                print(
+                    f"soak: {calls} calls, {failed} failed, {left / 60:.1f} min to go (caller {caller} {outcome})",
+                    flush=True,
+                )
         return sorted((call for future in futures for call in future.result()), key=lambda c: c.started)
 
 
