@@ -10,7 +10,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from worker_support import greedy_worker, open_conversation, replies_alone, replies_together, reply, respond, run
+from session_support import voice
+from worker_support import (
+    EndAfter,
+    greedy_worker,
+    open_conversation,
+    replies_alone,
+    replies_together,
+    reply,
+    respond,
+    run,
+)
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -77,3 +87,34 @@ def test_more_conversations_than_kv_slots_is_a_clear_error(worker):
         for conversation in held:
             conversation.close()
     open_conversation(worker, 98).close()  # a freed slot serves the next one
+
+
+def test_a_closed_conversation_is_freed_at_once_without_the_cycle_collector(worker):
+    """A long-running engine must not wait for a full garbage collection (rare in a process with a large heap)
+    to free a finished call: its context, history and tensors go when the call closes."""
+    import gc
+    import weakref
+
+    from mimo_voice.streaming.engine.protocol import Cancel, Close, Open, Respond
+
+    session_id = 41
+    gc.disable()
+    try:
+        worker.dispatch(Open(session_id=session_id, task="spoken_dialogue", system_prompt="Be brief."))
+        conversation = worker.conversations[session_id]
+        conversation.text_hook = EndAfter(12, worker.special.eostm)
+        conversation.feed_audio(voice(0.8, seed=3), 16_000)
+        respond(worker, conversation)
+        run(worker, steps=3)
+        worker.dispatch(Cancel(session_id=session_id, played_samples=1000))  # a barge-in rolls back
+        run(worker)
+        worker.dispatch(Respond(session_id=session_id, mode="non_thinking", started=0.0, response_id=2))
+        run(worker, steps=2)
+        freed = weakref.ref(conversation)
+        del conversation
+        worker.dispatch(Close(session_id=session_id))  # closed mid-reply
+        run(worker)
+        worker.outbox.events.pop(session_id, None)
+        assert freed() is None, [type(r).__name__ for r in gc.get_referrers(freed())]
+    finally:
+        gc.enable()

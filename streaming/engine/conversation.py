@@ -364,6 +364,9 @@ class Conversation:
     def close(self) -> None:
         if self.generation is not None:
             self.generation.finish("cancelled")
+        # A response refers back to its conversation: drop it, so that the call's state goes now rather than
+        # at a full garbage collection, which a process with a heap this large runs rarely.
+        self.generation = self.last_response = None
         self.user = None
         if self.slot is not None:
             self.pool.free(self.slot)
