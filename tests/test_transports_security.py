@@ -374,3 +374,28 @@ async def test_require_auth_guards_routes_the_middleware_does_not():
         assert refused.value.response.status_code == 403
         async with websockets.connect(ws_url, additional_headers={"Authorization": "Bearer s3cret"}) as websocket:
             assert await websocket.recv() == "in"
+
+
+async def test_a_call_whose_client_left_frees_its_slot_before_its_teardown_ends():
+    """A caller who hangs up and calls straight back must not find the server busy with their own old call."""
+    gone, teardown = asyncio.Event(), asyncio.Event()
+
+    async def slow_to_stop(transport, ctx) -> None:
+        ctx.client_gone()  # what run_worker does when the transport reports the client disconnected
+        gone.set()
+        await teardown.wait()  # the pipeline still winding down
+
+    config = load_config(None, ["server.max_sessions=1", "server.max_sessions_per_client=1"])
+    hub = SessionHub(config, engine=None, tools=None, run_bot=slow_to_stop, metrics=ServerMetrics())
+    first = hub.reserve("webrtc", client="10.0.0.1")
+
+    async def hang_up() -> None:
+        pass
+
+    call = asyncio.create_task(hub.run(first, None, hang_up))
+    await asyncio.wait_for(gone.wait(), 5)
+    again = hub.reserve("webrtc", client="10.0.0.1")  # would be Refused while the old call held the slot
+    assert hub.metrics.sessions_active.value("webrtc") == 1 and not call.done()
+    teardown.set()
+    await asyncio.wait_for(call, 5)
+    assert list(hub.sessions) == [again.id] and hub.metrics.sessions_active.value("webrtc") == 1

@@ -116,6 +116,9 @@ class BotContext:
     turn_metrics: TurnMetricsObserver
     activity: InputActivityObserver
     say_goodbye: Callable[[str], Awaitable[None]] | None = None
+    # Set by the hub: the client has left. The call's slot is freed at once rather than after the bot's teardown
+    # (up to a second under load), so that a caller who hangs up and calls straight back is not told "busy".
+    client_gone: Callable[[], None] = lambda: None
 
     @property
     def observers(self) -> list[BaseObserver]:
@@ -132,6 +135,7 @@ async def run_worker(worker: PipelineWorker, transport: BaseTransport, ctx: BotC
 
     @transport.event_handler("on_client_disconnected")
     async def on_client_disconnected(_transport: BaseTransport, _client: Any) -> None:
+        ctx.client_gone()
         await worker.cancel(reason="client disconnected")
 
     runner = WorkerRunner(handle_sigint=False)
@@ -258,6 +262,7 @@ class SessionHub:
             TurnMetricsObserver(self.metrics, session.transport_name),
             InputActivityObserver(),
         )
+        ctx.client_gone = lambda: self.release(session)
         hang_up = _once(hang_up)
         session.end = _ender(ctx, hang_up)
         bot: asyncio.Task[None] = asyncio.create_task(self.run_bot(transport, ctx), name=f"bot-{session.id}")
