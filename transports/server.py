@@ -416,6 +416,7 @@ def main(config: Config, argv: list[str]) -> int:
 
     app = create_app(config)
     hub: SessionHub = app.state.hub
+    operations.freeze_startup_heap()
 
     async def on_drain() -> None:
         await operations.drain(hub.gate, lambda: len(hub.sessions), hub.end_all, config.server.drain_timeout_secs)

@@ -26,6 +26,7 @@ process can tell a stalled step loop from an idle one.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import pickle
 import sys
@@ -266,6 +267,10 @@ def serve(fd: int) -> None:
         connection.send(Failed(_portable(exc)))
         return
     logger.debug(f"engine worker ready in {time.perf_counter() - began:.1f} s")
+    # The model, tokenizers and imports live as long as the process: exempt them from the cycle collector, whose
+    # full passes would otherwise walk them all (a pause of every session's steps) and run too rarely to free garbage.
+    gc.collect()
+    gc.freeze()
     connection.send(Ready())
     with contextlib.suppress(EOFError, BrokenPipeError, KeyboardInterrupt):  # the main process went away
         worker.run()

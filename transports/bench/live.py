@@ -42,6 +42,7 @@ from mimo_voice.streaming.bench.report import (
     write_json,
 )
 
+from ..operations import freeze_startup_heap
 from ..security import resolve_auth_token
 from .caller import Caller, CallResult
 from .metrics import TURN_STAGES, CallAnalysis, Totals, analyse_call, pool
@@ -469,5 +470,7 @@ def local_server(config: Config) -> Iterator[str]:
     logger.info("bench live: loading the model and starting the server in-process")
     engine = Engine.load(config)
     tools = build_registry(config.tools, timeout_secs=config.agent.tool_timeout_secs)
-    with serve_in_thread(create_app(config, engine=engine, tools=tools), cleanup=engine.aclose) as url:
+    app = create_app(config, engine=engine, tools=tools)
+    freeze_startup_heap()  # as `mimo-voice serve` does: the soak measures this process as the server
+    with serve_in_thread(app, cleanup=engine.aclose) as url:
         yield url
