@@ -35,10 +35,11 @@ NUCLEUS_CANDIDATES = 2048
 class RowSampling:
     """Sampling parameters of B rows as device tensors, plus the Python flags that shape the work."""
 
-    temperature: Tensor  # [B] float32
-    top_k: Tensor  # [B] long; a huge value where a row has no top-k
-    top_p: Tensor  # [B] float32; +inf where a row has no top-p (so rounding never drops a token)
-    greedy: Tensor  # [B] bool
+    # Per-row parameters as [B, 1] columns: they broadcast over the vocabulary without a reshape op.
+    temperature: Tensor  # [B, 1] float32
+    top_k: Tensor  # [B, 1] long; a huge value where a row has no top-k
+    top_p: Tensor  # [B, 1] float32; +inf where a row has no top-p (so rounding never drops a token)
+    greedy: Tensor  # [B, 1] bool
     mode: str  # "greedy" (every row), "sample" (every row) or "mixed"
     max_top_k: int | None  # the largest top-k of the sampled rows; None when one of them has none
     any_top_k: bool  # some sampled row filters by top-k
@@ -67,7 +68,7 @@ class RowSampling:
             [not p.do_sample for p in rows],
         )
         temperature, top_k, top_p, greedy = (
-            torch.tensor(v, dtype=dtype).to(device, non_blocking=True)
+            torch.tensor(v, dtype=dtype)[:, None].to(device, non_blocking=True)
             for v, dtype in zip(values, (torch.float32, torch.long, torch.float32, torch.bool))
         )
         max_top_k = None if any(p.top_k is None for p in sampled) else max((p.top_k or 1) for p in sampled or rows)
@@ -95,9 +96,9 @@ class RowSampling:
             mine[:n].copy_(theirs)
 
 
-def best_allowed(scores: Tensor, ban: Tensor | None) -> Tensor:
+def best_allowed(scores: Tensor, ban: Tensor | None, keepdim: bool = False) -> Tensor:
     """Argmax over the tokens that are not banned (``ban`` broadcastable to ``scores``)."""
-    return (scores if ban is None else scores.masked_fill(ban, float("-inf"))).argmax(-1)
+    return (scores if ban is None else scores.masked_fill(ban, float("-inf"))).argmax(-1, keepdim=keepdim)
 
 
 def sample_rows(
@@ -112,19 +113,20 @@ def sample_rows(
     on the device, with no host sync. ``ban`` (bool, broadcastable to ``logits``) is applied after the
     filters, as the reference sampler does. ``race_noise`` ([..., B, >= candidates], from :func:`race_noises`)
     is the draw made beforehand; else it is drawn here from ``generator``."""
-    scores = logits.float()
+    scores = logits if logits.dtype == torch.float32 else logits.float()  # .float() of float32 is still an op
     if sampling.mode == "greedy":
         return best_allowed(scores, ban)
     values, ids = filtered(scores, sampling, ban, full_sort)
     if race_noise is None:
         race_noise = race_noises(values.numel(), generator, values.device)[0].view(values.shape)
-    race = values + race_noise[..., : values.shape[-1]]
+    width = values.shape[-1]
+    race = values + (race_noise if race_noise.shape[-1] == width else race_noise[..., :width])
     best, choice = race.max(-1, keepdim=True)
-    tokens = (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)
-    fallback = torch.isneginf(best).squeeze(-1)  # only banned tokens survived the filters
+    tokens = choice if ids is None else ids.gather(-1, choice)
+    fallback = torch.isneginf(best)  # only banned tokens survived the filters
     if sampling.mode == "mixed":
         fallback = fallback | sampling.greedy
-    return torch.where(fallback, best_allowed(scores, ban), tokens)
+    return torch.where(fallback, best_allowed(scores, ban, keepdim=True), tokens).squeeze(-1)
 
 
 def race_noises(
@@ -143,17 +145,17 @@ def filtered(
 ) -> tuple[Tensor, Tensor | None]:
     """Float32 ``scores`` [..., B, V] -> the tempered scores of the candidates, -inf where a filter or a
     ban drops them, and the candidates' ids (None when the candidates are the whole vocabulary in order)."""
-    values = scores / sampling.temperature[:, None]
+    values = scores / sampling.temperature
     ids = None
     if sampling.any_filter:
         values, ids = _candidates(values, sampling, scores.shape[-1], full_sort)
         if sampling.any_top_k:
             last = values.shape[-1] - 1
-            kth = values.gather(-1, (sampling.top_k[:, None] - 1).clamp(max=last).expand_as(values[..., :1]))
+            kth = values.gather(-1, (sampling.top_k - 1).clamp(max=last).expand_as(values[..., :1]))
             values = values.masked_fill(values < kth, float("-inf"))
         if sampling.any_top_p:
             probs = values.softmax(-1)
-            values = values.masked_fill(probs.cumsum(-1) - probs >= sampling.top_p[:, None], float("-inf"))
+            values = values.masked_fill(probs.cumsum(-1) - probs >= sampling.top_p, float("-inf"))
     if ban is not None:
         ban = ban.expand_as(scores)
         values = values.masked_fill(ban if ids is None else ban.gather(-1, ids), float("-inf"))
