@@ -9,7 +9,9 @@ API for transports (WebRTC, Twilio, realtime websockets):
   ``client=None`` for transports whose peers share addresses, e.g. Twilio's media servers). Ids never come from
   the client, so a repeated client id (a Twilio ``streamSid``) cannot share or hide a slot.
 - ``hub.release(session)``: free the slot; idempotent, so every exit path may call it. ``hub.run`` (or
-  ``hub.start`` in the background) runs the bot and releases the slot when it ends, whatever the reason.
+  ``hub.start`` in the background) runs the bot and releases the slot when it ends, whatever the reason, or
+  earlier, as soon as the transport reports the client gone (``BotContext.client_gone``, called by
+  :func:`run_worker`): the bot's teardown that follows no longer holds a slot.
 - ``hub.find(session_id, secret)``: the live session whose secret matches (constant-time), else None: what a
   renegotiation or trickled ICE must present.
 - ``hub.handshake()``: a context manager around a websocket's time between accept and ``reserve`` (capped by
