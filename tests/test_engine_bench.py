@@ -15,11 +15,14 @@ def test_bench_engine_prints_a_table_and_writes_json(tmp_path, capsys):
         cpu_config(None),
         ["--runs", "2", "--turns", "2", "--patches", "4", "--user-secs", "0.5", "--json", str(target)],
     )
-    assert code == 0
     table = capsys.readouterr().out
     assert "per audio group" in table and "first PCM, turn 2 / turn 1" in table
     report = json.loads(target.read_text())
     metrics = report["metrics"]
+    # The exit status is the later-turn verdict; two short runs on a shared CPU are too noisy to expect it to pass
+    # here (tests/test_session_cache.py shows that no turn re-reads the history), but it must follow the figure.
+    verdict = 1 if metrics["last_turn_over_turn1"]["p50"] > bench.MAX_TURN_RATIO else 0
+    assert code == verdict and ("more than 1.2x" in table) == bool(verdict)
     assert metrics["group_ms"]["n"] == 2 * 2 and metrics["first_pcm_turn1_s"]["n"] == 2
     assert 0 < metrics["group_ms"]["p50"] <= metrics["group_with_decode_ms"]["p50"]
     assert 0 < metrics["first_patch_turn1_ms"]["p50"] < 1000 * metrics["first_pcm_turn1_s"]["p90"]
