@@ -19,6 +19,7 @@ from mimo_voice.streaming.bench.engine import ForcedAudio  # noqa: E402
 from mimo_voice.streaming.cluster.pool import EnginePool, connect_ray  # noqa: E402
 from mimo_voice.streaming.engine.engine import EngineClosed  # noqa: E402
 from mimo_voice.streaming.engine.events import AudioPatch, TurnEnd  # noqa: E402
+from transports_support import wait_until  # noqa: E402
 
 LIMIT = 3  # calls per engine
 
@@ -86,10 +87,12 @@ async def test_four_calls_spread_two_and_two(pool):
         await asyncio.gather(*(session.caught_up() for session in sessions))
         # Each engine itself reports the two sessions (what other front-ends place by).
         loads = {member.name: member.engine.channel.load["sessions"] for member in pool.members}
-        assert await _eventually(lambda: all(member.load == 2 for member in pool.members)), loads
+        assert await wait_until(lambda: all(member.load == 2 for member in pool.members), timeout=5), loads
         for session in sessions:
             await session.close()
-        assert await _eventually(lambda: all(member.engine.channel.load["sessions"] == 0 for member in pool.members))
+        assert await wait_until(
+            lambda: all(member.engine.channel.load["sessions"] == 0 for member in pool.members), timeout=5
+        )
     finally:
         for lease in leases:
             lease.release()
@@ -188,10 +191,10 @@ async def test_a_silent_front_end_loses_its_sessions_and_others_keep_theirs(pool
     leases = [pool.lease(), pool.lease()]  # one on each engine
     kept = next(lease for lease in leases if lease.name == member.name).new_session()
     await kept.caught_up()
-    assert await _eventually(lambda: member.engine.channel.load["sessions"] == 2)
+    assert await wait_until(lambda: member.engine.channel.load["sessions"] == 2, timeout=5)
 
-    assert await _eventually(lambda: gone.down.is_set(), timeout=CLIENT_TIMEOUT_SECS + 5)
-    assert await _eventually(lambda: member.engine.channel.load["sessions"] == 1)
+    assert await wait_until(lambda: gone.down.is_set(), timeout=CLIENT_TIMEOUT_SECS + 5)
+    assert await wait_until(lambda: member.engine.channel.load["sessions"] == 1, timeout=5)
     await kept.add_text("user", "still here?")  # this front-end's call goes on
     await kept.close()
     for each in leases:
@@ -209,15 +212,6 @@ async def test_overfull_pool_refuses_new_calls(pool):
     assert again is not None
     for lease in [*leases, again]:
         lease.release()
-
-
-async def _eventually(condition, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
 
 
 async def test_server_over_a_full_pool_answers_503_and_reports_the_pool(pool):
@@ -284,7 +278,7 @@ def test_bench_engine_reports_the_ray_hop_next_to_the_local_pipe(pool, tmp_path,
     for metrics in (report["metrics"], report["ray"]["metrics"]):
         assert metrics["delivery_ms"]["n"] == 2 * 4 and 0 < metrics["delivery_ms"]["p50"] < 1000
     # The bench ran on an engine actor of its own, which is gone again; the pool's engines were not touched.
-    assert asyncio.run(_eventually(lambda: "mimo-bench-engine" not in actor_names()))
+    assert asyncio.run(wait_until(lambda: "mimo-bench-engine" not in actor_names(), timeout=5))
     assert [member.load for member in pool.members] == [0, 0]
 
 
