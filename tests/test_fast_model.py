@@ -11,20 +11,12 @@ from mimo_voice.streaming.model.profiling import count_call
 from mimo_voice.streaming.model.sampling import Sampler, SamplingParams
 from test_mimo_model import SPECIAL, mixed_positions
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("torch_single_thread")]  # many tiny ops
 
 GREEDY = SamplingParams(do_sample=False)
 AUDIO = SamplingParams(temperature=0.9, top_k=50, top_p=0.95)
 NUCLEUS = SamplingParams(temperature=0.9, top_p=0.95)
 TOL = 1e-4
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=["tiny", "small"])

@@ -37,13 +37,7 @@ SPECIAL = SpecialTokens(
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Many tiny ops: on a small shared machine, intra-op threads cost far more than they give."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_single_thread")  # many tiny ops (conftest.py)
 
 
 @pytest.fixture(scope="module")
