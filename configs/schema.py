@@ -112,6 +112,12 @@ class EngineSection(Section):
     compile: Literal["auto", "on", "off"] = Field(
         "auto", description="Compile the fast step (CUDA graphs): auto = on CUDA only; done at load, never mid-call."
     )
+    weights: Literal["auto", "model", "fp16"] = Field(
+        "auto",
+        description="How the fast step stores its layers' weights on an x86 CPU with a float32 model: fp16 = "
+        "fbgemm's fp16 GEMM (half the bytes, float32 arithmetic; a bf16 checkpoint converts exactly); model = "
+        "float32; auto = fp16 for stacks of 4 MiB and more. Elsewhere auto is the model's dtype and fp16 is refused.",
+    )
 
     backend: Literal["local", "ray"] = "local"
     ray_address: str = Field(

@@ -2,8 +2,10 @@
 
 import pytest
 import torch
+from mimo_voice.configs.errors import ConfigError
+from mimo_voice.streaming.model import fast as fast_module
 from mimo_voice.streaming.model.configuration_mimo_audio import MiMoAudioConfig
-from mimo_voice.streaming.model.fast import FastMiMoAudio, StepOutput, _Head
+from mimo_voice.streaming.model.fast import FastMiMoAudio, StepOutput, _Head, _Linear, fbgemm_fp16_available
 from mimo_voice.streaming.model.fast_sampling import RowSampling, filtered, sample_rows
 from mimo_voice.streaming.model.kv_pool import KVPool
 from mimo_voice.streaming.model.modeling_mimo_audio import MiMoAudioForCausalLM
@@ -29,10 +31,10 @@ def tiny():
     return MiMoAudioForCausalLM.random(MiMoAudioConfig.preset("tiny"), SPECIAL, seed=0)
 
 
-def build(model, slots=4, capacity=64, head_precision="model", **kwargs):
-    """A fast model over its own pool; the lm_head in the model dtype unless asked (fp32 parity)."""
+def build(model, slots=4, capacity=64, head_precision="model", weights="model", **kwargs):
+    """A fast model over its own pool; the lm_head and layers in the model dtype unless asked (fp32 parity)."""
     pool = KVPool(model.config, slots, capacity, model.device, model.hidden_states_downcast.weight.dtype)
-    return FastMiMoAudio(model, pool, compile="off", head_precision=head_precision, **kwargs), pool
+    return FastMiMoAudio(model, pool, compile="off", head_precision=head_precision, weights=weights, **kwargs), pool
 
 
 def close(a: torch.Tensor, b: torch.Tensor, tol: float = TOL) -> bool:
@@ -262,7 +264,73 @@ def test_sample_text_is_sync_free_and_respects_bans(tiny):
 # --- precision, compile, op counts ---
 
 
-@pytest.mark.parametrize("precision", ["bf16", "int8", "auto"])
+needs_fbgemm = pytest.mark.skipif(not fbgemm_fp16_available(), reason="fbgemm's fp16 GEMM: x86 CPU builds only")
+
+
+def bf16_checkpoint(preset: str) -> MiMoAudioForCausalLM:
+    """A float32 model whose weights are bfloat16 values, as the official checkpoint's are once loaded."""
+    model = MiMoAudioForCausalLM.random(MiMoAudioConfig.preset(preset), SPECIAL, seed=3)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(parameter.bfloat16().float())
+    return model
+
+
+@needs_fbgemm
+def test_fp16_projection_matches_float32_within_fp16_rounding():
+    generator = torch.Generator().manual_seed(4)
+    weight, bias = torch.randn(96, 64, generator=generator) * 0.05, torch.randn(96, generator=generator)
+    x, residual = torch.randn(5, 64, generator=generator), torch.randn(5, 96, generator=generator)
+    exact, half = _Linear(weight, bias, fp16=False), _Linear(weight, bias, fp16=True)
+    bound = float((x.abs() @ weight.abs().T).max()) * 2**-11  # fp16 rounds each weight by at most 2^-11 relative
+    assert 0 < float((half(x) - exact(x)).abs().max()) <= bound
+    plain, plain_half = _Linear(weight, None, fp16=False), _Linear(weight, None, fp16=True)
+    assert close(plain_half(x, residual), plain(x, residual), tol=bound + 1e-6)
+    rounded = weight.bfloat16().float()  # bf16 values convert to fp16 exactly: only the summation order differs
+    assert close(_Linear(rounded, bias, fp16=True)(x), _Linear(rounded, bias, fp16=False)(x), tol=1e-5)
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_fp16_weights_of_a_bf16_checkpoint_give_the_float32_outputs(preset):
+    model = bf16_checkpoint(preset)
+    exact, pool_e = build(model)
+    half, pool_h = build(model, weights="fp16")
+    assert all(layer.qkv.packed is not None for layer in half.decoder.layers + half.backbone.layers)
+    slots = [0, 1]
+    for pool in (pool_e, pool_h):
+        assert [pool.allocate(), pool.allocate()] == slots
+    for fast in (exact, half):
+        for slot in slots:
+            fast.prefill(slot, *[t[0] for t in mixed_positions(model, "tataat", seed=slot)])
+    text, codes = mixed_positions(model, "at", seed=5)
+    ref, out = exact.step(slots, text[0], codes[0]), half.step(slots, text[0], codes[0])
+    assert close(out.text_logits, ref.text_logits) and close(out.local_in, ref.local_in)
+    assert torch.equal(out.text_logits.argmax(-1), ref.text_logits.argmax(-1))
+    local_in = torch.randn(6, model.config.local_dim, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(half.decode_patch(local_in, GREEDY), exact.decode_patch(local_in, GREEDY))
+    sampled = [fast.decode_patch(local_in, AUDIO, torch.Generator().manual_seed(7)) for fast in (exact, half)]
+    assert torch.equal(*sampled)
+
+
+def test_weights_auto_reads_fp16_only_where_a_stack_is_large(tiny, monkeypatch):
+    fast, _ = build(tiny, weights="auto")
+    stacks = (fast.backbone, fast.encoder, fast.decoder)
+    assert all(layer.qkv.packed is None for stack in stacks for layer in stack.layers)  # the tiny preset: < 4 MiB
+    monkeypatch.setattr(fast_module, "FP16_MIN_BYTES", 0)
+    fast, _ = build(tiny, weights="auto")
+    stacks = (fast.backbone, fast.encoder, fast.decoder)
+    uses_fp16 = {layer.qkv.packed is not None for stack in stacks for layer in stack.layers}
+    assert uses_fp16 == {fbgemm_fp16_available()}
+    bf16 = MiMoAudioForCausalLM.random(tiny.config, SPECIAL, seed=0, dtype=torch.bfloat16)
+    assert build(bf16, weights="auto")[0].weights == "model"
+    with pytest.raises(ConfigError, match="fp16 weights need a float32 model"):
+        build(bf16, weights="fp16")
+    with pytest.raises(ValueError, match="weights must be"):
+        build(tiny, weights="int4")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8", "auto"] + (["fp16"] if fbgemm_fp16_available() else []))
 def test_reduced_precision_lm_head_is_faithful(tiny, precision):
     exact, pool = build(tiny)
     reduced, pool_r = build(tiny, head_precision=precision)
@@ -286,7 +354,9 @@ def test_reduced_precision_lm_head_is_faithful(tiny, precision):
 @pytest.mark.parametrize("rows", [1, 4, 7])
 def test_auto_head_is_faithful_at_every_batch_size(tiny, rows):
     head = _Head(tiny.lm_head.weight, "auto")
-    assert head.precision == "int8+bf16"  # a float32 model on the CPU
+    # A float32 model on the CPU: int8 and oneDNN bf16 with AVX512-BF16/AMX, else fbgemm's fp16 on x86.
+    bf16_cpu = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert head.precision == ("int8+bf16" if bf16_cpu else "fp16" if fbgemm_fp16_available() else "int8")
     x = torch.randn(rows, tiny.config.hidden_size, generator=torch.Generator().manual_seed(rows))
     ref = torch.nn.functional.linear(x, tiny.lm_head.weight.detach())
     out = head(x)

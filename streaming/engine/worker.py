@@ -116,7 +116,7 @@ class Worker:
         self.pool = KVPool(
             self.model.config, config.engine.kv_slots, config.streaming.max_context_positions, device, dtype
         )
-        self.fast = FastMiMoAudio(self.model, self.pool, compile=config.engine.compile)
+        self.fast = FastMiMoAudio(self.model, self.pool, compile=config.engine.compile, weights=config.engine.weights)
         config_ = self.model.config
         empty_codes = torch.tensor(config_.speech_empty_ids, device=device).expand(config_.group_size, -1)
         self.scheduler = StepScheduler(self.fast, config_.vocab_size, empty_codes.contiguous(), self.special.empty)

@@ -42,9 +42,11 @@ from .sampling import SamplingParams
 logger = logging.getLogger(__name__)
 
 Compile = Literal["auto", "on", "off"]
-HeadPrecision = Literal["auto", "model", "bf16", "int8"]  # the lm_head's weights (see _Head)
+HeadPrecision = Literal["auto", "model", "fp16", "bf16", "int8"]  # the lm_head's weights (see _Head)
+WeightPrecision = Literal["auto", "model", "fp16"]  # the layers' weights (see _Linear)
 PatchSampling = RowSampling | SamplingParams
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+FP16_MIN_BYTES = 4 << 20  # a stack's layers at least this large read fp16 weights under weights='auto' (CPU)
 
 
 @dataclass
@@ -56,15 +58,41 @@ class StepOutput:
 # --- fused weights ---
 
 
+def fbgemm_fp16_available() -> bool:
+    """Whether this torch has fbgemm's fp16-weight GEMM (x86 CPU builds): weights stored in fp16, float32
+    arithmetic. A bfloat16 checkpoint's weights convert to fp16 exactly (8 mantissa bits fit in 11) unless
+    tinier than fp16's normal range; activations stay float32, so fp16's range is no concern."""
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+class _Linear:
+    """One projection y = x W^T + (bias or residual), stored as the CPU reads it fastest: transposed for
+    ``addmm`` (the bias or residual rides in it), or packed for fbgemm's fp16 GEMM (half the bytes)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, fp16: bool) -> None:
+        weight = weight.detach()
+        self.out_features = weight.shape[0]
+        self.bias = None if bias is None else bias.detach()
+        self.t: Tensor | None = None if fp16 else weight.t()
+        self.packed: Any = torch.ops.quantized.linear_prepack_fp16(weight.float(), self.bias) if fp16 else None
+
+    def __call__(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        if self.packed is not None:
+            y = torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
+            return y if residual is None else y.add_(residual)
+        assert self.t is not None and (residual is None or self.bias is None)
+        base = self.bias if residual is None else residual
+        return torch.mm(x, self.t) if base is None else torch.addmm(base, x, self.t)
+
+
 @dataclass
 class _Layer:
-    """One Qwen2 decoder layer with fused projections, weights stored transposed for ``addmm``."""
+    """One Qwen2 decoder layer with fused projections (q|k|v, gate|up)."""
 
-    qkv_t: Tensor  # [D, (heads + 2 kv_heads) * head_dim]
-    qkv_bias: Tensor
-    o_t: Tensor
-    gate_up_t: Tensor  # [D, 2 * ffn]
-    down_t: Tensor
+    qkv: _Linear  # D -> (heads + 2 kv_heads) * head_dim, with the three biases
+    o: _Linear
+    gate_up: _Linear  # D -> 2 * ffn
+    down: _Linear
     input_norm: Tensor
     post_norm: Tensor
 
@@ -82,7 +110,8 @@ class _Stack:
     inv_freq: Tensor  # float32, as transformers' default RoPE computes it
 
     @classmethod
-    def from_qwen2(cls, model: Qwen2Model) -> _Stack:
+    def from_qwen2(cls, model: Qwen2Model, fp16: bool = False) -> _Stack:
+        """``fp16``: the projections in fbgemm's fp16 GEMM (see :class:`_Linear`)."""
         config = model.config
         if config.hidden_act != "silu":
             raise ConfigError(f"the fast path implements the silu MLP only, got {config.hidden_act!r}")
@@ -91,11 +120,14 @@ class _Stack:
             attn, mlp = layer.self_attn, layer.mlp
             layers.append(
                 _Layer(
-                    qkv_t=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).t(),
-                    qkv_bias=torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]),
-                    o_t=attn.o_proj.weight.detach().t(),
-                    gate_up_t=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).t(),
-                    down_t=mlp.down_proj.weight.detach().t(),
+                    qkv=_Linear(
+                        torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
+                        torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]),
+                        fp16,
+                    ),
+                    o=_Linear(attn.o_proj.weight, None, fp16),
+                    gate_up=_Linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), None, fp16),
+                    down=_Linear(mlp.down_proj.weight, None, fp16),
                     input_norm=layer.input_layernorm.weight.detach(),
                     post_norm=layer.post_attention_layernorm.weight.detach(),
                 )
@@ -167,7 +199,7 @@ def _layer(
     h = _norm(x, layer.input_norm, stack.eps)
     if x.dtype != h.dtype:  # the patch encoder's bfloat16 input: the residual continues in the model dtype
         x = x.to(h.dtype)
-    qkv = torch.addmm(layer.qkv_bias, h, layer.qkv_t)
+    qkv = layer.qkv(h)
     single = x.shape[0] == batch  # one position per row: [B, 1, heads, hd] is [B, heads, 1, hd] in memory
     qkv = qkv.view(batch, stack.all_heads, 1, -1) if single else qkv.view(batch, -1, stack.all_heads, stack.head_dim)
     rolled = qkv.roll(stack.head_dim // 2, -1)
@@ -177,9 +209,9 @@ def _layer(
         rotated = torch.addcmul(qkv * cos, rolled, sin, out=rotated_out)
     attn = attend(rotated if single else rotated.transpose(1, 2))
     attn = attn.reshape(batch, -1) if single else attn.transpose(1, 2).reshape(x.shape[0], -1)
-    x = torch.addmm(x, attn, layer.o_t)
-    gate, up = torch.mm(_norm(x, layer.post_norm, stack.eps), layer.gate_up_t).chunk(2, dim=-1)
-    return torch.addmm(x, F.silu(gate) * up, layer.down_t)
+    x = layer.o(attn, residual=x)
+    gate, up = layer.gate_up(_norm(x, layer.post_norm, stack.eps)).chunk(2, dim=-1)
+    return layer.down(F.silu(gate) * up, residual=x)
 
 
 @dataclass
@@ -234,23 +266,25 @@ class _DecoderCache:
 class _Head:
     """The 151,680-row text head: x [B, hidden] -> float32 logits, reading as few weight bytes as pays.
 
-    Measured on this project's CPU (AVX512-BF16/AMX, 1 thread; README "Fast path"): int8 weight-only
-    (``torch._weight_int8pack_mm``, per-row scales) is fastest up to a batch of 4 rows, oneDNN's prepacked
-    bf16 GEMM above that; plain fp32 is slowest everywhere. ``auto`` takes those on a CPU with a float32
-    model, bf16 on CUDA (whatever the model dtype), and the model dtype otherwise."""
+    Measured at 1 thread (README "Fast path"): on a CPU with AVX512-BF16/AMX, int8 weight-only
+    (``torch._weight_int8pack_mm``, per-row scales) is fastest up to a batch of 4 rows and oneDNN's prepacked
+    bf16 GEMM above that; on an AVX2-only x86 CPU (no bf16 in hardware: a bf16 GEMM is 4x slower than fp32
+    there) fbgemm's fp16-weight GEMM beats int8 weight-only at every batch size, and is the more exact of the
+    two; plain fp32 is slowest everywhere. ``auto`` takes those on a CPU with a float32 model (int8 where
+    neither exists), bf16 on CUDA (whatever the model dtype), and the model dtype otherwise."""
 
     INT8_UP_TO_ROWS = 4
 
     def __init__(self, weight: Tensor, precision: HeadPrecision):
-        if precision not in ("auto", "model", "bf16", "int8"):
-            raise ValueError(f"head precision must be auto, model, bf16 or int8, got {precision!r}")
+        if precision not in ("auto", "model", "fp16", "bf16", "int8"):
+            raise ValueError(f"head precision must be auto, model, fp16, bf16 or int8, got {precision!r}")
         weight = weight.detach()
         on_cpu = weight.device.type == "cpu"
-        mode: str = precision
-        if precision == "auto":
-            mode = "int8+bf16" if on_cpu and weight.dtype == torch.float32 else "bf16" if not on_cpu else "model"
-        self.precision = mode
+        if precision == "fp16" and not (on_cpu and fbgemm_fp16_available()):
+            raise ConfigError("an fp16 head needs fbgemm's fp16 GEMM: an x86 CPU build of torch")
+        self.precision = mode = _auto_head(weight) if precision == "auto" else precision
         self.weight = weight if mode == "model" else None
+        self.fp16 = _Linear(weight, None, fp16=True) if mode == "fp16" else None
         self.int8: tuple[Tensor, Tensor] | None = None  # int8 rows and their bf16 scales
         self.bf16: Tensor | None = None
         self.packed: Tensor | None = None
@@ -266,12 +300,24 @@ class _Head:
     def __call__(self, x: Tensor) -> Tensor:
         if self.weight is not None:
             return F.linear(x, self.weight).float()
+        if self.fp16 is not None:
+            return self.fp16(x if x.dtype == torch.float32 else x.float())
         if self.int8 is not None and (self.bf16 is None or x.shape[0] <= self.INT8_UP_TO_ROWS):
             return torch._weight_int8pack_mm(x.to(torch.bfloat16), *self.int8).float()
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.packed, None, "none", [], "").float()
         assert self.bf16 is not None  # "bf16" and "int8+bf16" keep it
         return F.linear(x.to(torch.bfloat16), self.bf16).float()
+
+
+def _auto_head(weight: Tensor) -> str:
+    if weight.device.type != "cpu":
+        return "bf16"
+    if weight.dtype != torch.float32:
+        return "model"
+    if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "int8+bf16"
+    return "fp16" if fbgemm_fp16_available() else "int8"
 
 
 # --- the fast model ---
@@ -288,6 +334,7 @@ class FastMiMoAudio:
         *,
         compile: Compile = "auto",
         head_precision: HeadPrecision = "auto",
+        weights: WeightPrecision = "auto",
     ) -> None:
         config = model.config
         if pool.config.num_hidden_layers != config.num_hidden_layers or pool.capacity < 1:
@@ -297,6 +344,7 @@ class FastMiMoAudio:
         if pool.device != self.device or pool.dtype != self.dtype:
             raise ValueError(f"KV pool on {pool.device}/{pool.dtype}, model on {self.device}/{self.dtype}")
         self.empty_id = model.special_tokens.empty
+        self.weights = _resolve_weights(weights, self.device, self.dtype)
         with torch.inference_mode():
             self._build(model, head_precision)
         self.compile = _resolve_compile(compile, self.device)
@@ -307,9 +355,9 @@ class FastMiMoAudio:
     @torch.inference_mode()
     def _build(self, model: MiMoAudioForCausalLM, head_precision: HeadPrecision) -> None:
         config = self.config
-        self.backbone = _Stack.from_qwen2(model.model)
-        self.encoder = _Stack.from_qwen2(model.input_local_transformer)
-        self.decoder = _Stack.from_qwen2(model.local_transformer)
+        self.backbone = _Stack.from_qwen2(model.model, self._fp16(model.model))
+        self.encoder = _Stack.from_qwen2(model.input_local_transformer, self._fp16(model.input_local_transformer))
+        self.decoder = _Stack.from_qwen2(model.local_transformer, self._fp16(model.local_transformer))
         self.embed_tokens = model.model.embed_tokens.weight.detach()
         self.lm_head = _Head(model.lm_head.weight, head_precision)
         self.downcast = model.hidden_states_downcast.weight.detach()
@@ -347,6 +395,14 @@ class FastMiMoAudio:
         self.frame_major = torch.tensor(model._schedule.frame_major, device=self.device)
         self.speech_sizes_cpu = torch.tensor(sizes)
         self._decoder_caches: dict[int, _DecoderCache] = {}
+
+    def _fp16(self, stack: Qwen2Model) -> bool:
+        """Whether a stack's projections go to fbgemm's fp16 GEMM: always with weights 'fp16'; with 'auto' when
+        its layers hold at least FP16_MIN_BYTES (smaller ones stay in the cache, where fbgemm's per-call cost
+        outweighs the bytes it saves: measured, the tiny preset's patch decoder takes 1.8x as long in fp16)."""
+        if self.weights != "auto":
+            return self.weights == "fp16"
+        return sum(p.numel() * p.element_size() for p in stack.layers.parameters()) >= FP16_MIN_BYTES
 
     def _head_group(self, model: MiMoAudioForCausalLM, lo: int, hi: int) -> _HeadGroup:
         """Channels lo..hi-1 (one vocabulary size) of the patch decoder: stacked heads and embedding tables."""
@@ -638,6 +694,18 @@ class _PatchGraph:
         return self.codes[:rows].clone()
 
 
+def _resolve_weights(weights: WeightPrecision, device: torch.device, dtype: torch.dtype) -> str:
+    """'fp16' (fbgemm, see :class:`_Linear`) where it is possible: a float32 model on an x86 CPU. 'auto' stays
+    'auto' there (each stack decides by its size, see ``_fp16``: a step reads its weights once per position, so
+    half the bytes pay once they leave the cache) and is the model's dtype elsewhere."""
+    if weights not in ("auto", "model", "fp16"):
+        raise ValueError(f"weights must be auto, model or fp16, got {weights!r}")
+    possible = device.type == "cpu" and dtype == torch.float32 and fbgemm_fp16_available()
+    if weights == "fp16" and not possible:
+        raise ConfigError(f"fp16 weights need a float32 model on an x86 CPU, not {dtype} on {device.type}")
+    return weights if weights == "fp16" or (weights == "auto" and possible) else "model"
+
+
 def _resolve_compile(compile: Compile, device: torch.device) -> bool:
     """CUDA graphs on CUDA ('auto'/'on'); on the CPU compilation was measured not to pay (the step is
     op-bound and inductor did not shorten it), so 'auto' stays eager and 'on' warns and stays eager."""
@@ -652,4 +720,4 @@ def _resolve_compile(compile: Compile, device: torch.device) -> bool:
     return False
 
 
-__all__ = ["FastMiMoAudio", "KVPool", "PatchSampling", "RowSampling", "StepOutput", "best_allowed"]
+__all__ = ["FastMiMoAudio", "KVPool", "PatchSampling", "RowSampling", "StepOutput", "WeightPrecision", "best_allowed"]
