@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from mimo_voice.streaming.engine.codec_stream import IncrementalEncoder, StreamingDecoder
+from mimo_voice.streaming.engine.codec_stream import IncrementalEncoder, StreamingDecoder, push_together
 from mimo_voice.streaming.model.modeling_audio_tokenizer import code_frames, load_audio_tokenizer
 
 SPF = 960
@@ -72,6 +72,39 @@ def test_every_frame_is_emitted_once_in_order(tokenizer, codes, left, lookahead,
     audio = torch.cat(pieces + [rest])
     assert audio.dtype == torch.float32 and audio.device.type == "cpu"
     assert torch.isfinite(audio).all() and audio.abs().max() < 1.0
+
+
+def test_pushes_together_equal_pushes_alone_at_equal_and_different_window_lengths(tokenizer, speech):
+    """Three replies at different points: two in steady state (windows of one length: one batch), one starting."""
+    codes, starts = tokenizer.encode(speech)[:72], [40, 48, 0]
+    alone = [StreamingDecoder(tokenizer, 24, 8) for _ in starts]
+    together = [StreamingDecoder(tokenizer, 24, 8) for _ in starts]
+    want: list[list[torch.Tensor]] = [[] for _ in starts]
+    got: list[list[torch.Tensor]] = [[] for _ in starts]
+    for decoders, out in ((alone, want), (together, got)):
+        for decoder, start, pieces in zip(decoders, starts, out):
+            pieces.extend(decoder.push(codes[i : i + 4]) for i in range(0, start, 4))
+    batches: list[int] = []
+    hook = tokenizer.decoder.register_forward_pre_hook(lambda _module, args: batches.append(args[0].shape[0]))
+    try:
+        for step in range(0, 16, 4):
+            pushes = [(decoder, codes[start + step : start + step + 4]) for decoder, start in zip(together, starts)]
+            for pieces, pcm in zip(got, push_together(pushes)):
+                pieces.append(pcm)
+    finally:
+        hook.remove()
+    # Per call: the two steady windows as one batch; the starting one alone, once its first frames are past the
+    # 8-frame look-ahead (from its third push).
+    assert batches == [2, 2, 2, 1, 2, 1]
+    for step in range(0, 16, 4):
+        for decoder, start, pieces in zip(alone, starts, want):
+            pieces.append(decoder.push(codes[start + step : start + step + 4]))
+    for index, (decoder_a, decoder_b) in enumerate(zip(alone, together)):
+        want[index].append(decoder_a.flush())
+        got[index].append(decoder_b.flush())
+        expected, actual = torch.cat(want[index]), torch.cat(got[index])
+        assert actual.shape == expected.shape and actual.numel() > 0
+        torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_more_lookahead_gets_closer_to_offline(tokenizer, codes):

@@ -32,19 +32,22 @@ def worker():
 
 def test_batched_replies_equal_replies_generated_alone_with_joins_leaves_and_a_cancel(worker):
     alone = replies_alone(worker, range(1, 6))
-    assert all(reason == "stop" for _, _, reason in alone.values())
-    assert sum(len(patches) for _, patches, _ in alone.values()) > 10  # the replies do speak
+    assert all(r.reason == "stop" for r in alone.values())
+    assert sum(len(r.patches) for r in alone.values()) > 10  # the replies do speak
     together = replies_together(worker, range(1, 6), cancel=2)
-    for session_id, (tokens, patches, reason) in together.items():
-        want_tokens, want_patches, _ = alone[session_id]
+    for session_id, (tokens, patches, reason, pcm) in together.items():
+        want_tokens, want_patches, _, want_pcm = alone[session_id]
         if session_id == 2:
             assert reason == "cancelled" and 0 < len(tokens) < len(want_tokens)
             want_tokens, want_patches = want_tokens[: len(tokens)], want_patches[: len(patches)]
+            want_pcm = want_pcm[: len(pcm)]  # a cancelled reply's audio stops where it was cut
         else:
             assert reason == "stop"
         assert tokens == want_tokens, f"session {session_id}"
         assert len(patches) == len(want_patches)
         assert all(np.array_equal(a, b) for a, b in zip(patches, want_patches)), f"session {session_id}"
+        # The audio too: the rows' decoder windows were decoded as batches (codec_stream.push_together).
+        assert pcm.shape == want_pcm.shape and np.abs(pcm.astype(int) - want_pcm).max(initial=0) <= 1
 
 
 def test_a_session_leaving_frees_its_slot_and_a_new_one_gets_a_clean_cache(worker):

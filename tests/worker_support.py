@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from mimo_voice.configs.schema import SamplerParams, TaskSampling
 from mimo_voice.streaming.bench.ops import checkpoint_paths
 from mimo_voice.streaming.engine.conversation import Conversation
-from mimo_voice.streaming.engine.events import AudioPatch, TurnEnd
+from mimo_voice.streaming.engine.events import AudioChunk, AudioPatch, TurnEnd
 from mimo_voice.streaming.engine.protocol import EventMessage
 from mimo_voice.streaming.engine.worker import Worker
 from session_support import cpu_config, voice
@@ -73,15 +74,21 @@ def run(worker, steps: int | None = None) -> None:
             steps = None if steps is None else steps - 1
 
 
-def reply(worker, conversation: Conversation) -> tuple[list[int], list[np.ndarray], str]:
+class Reply(NamedTuple):
+    tokens: list[int]  # the text channel
+    patches: list[np.ndarray]  # the audio codes
+    reason: str  # of the TurnEnd
+    pcm: np.ndarray  # every AudioChunk's samples, in order
+
+
+def reply(worker, conversation: Conversation) -> Reply:
     events = worker.outbox.events.pop(conversation.session_id)
     end = events[-1]
     assert isinstance(end, TurnEnd)
     patches = [e.codes for e in events if isinstance(e, AudioPatch)]
-    return list(conversation.last_response.tokens), patches, end.reason
-
-
-Reply = tuple[list[int], list[np.ndarray], str]  # text-channel tokens, audio patches, TurnEnd reason
+    chunks = [e.pcm for e in events if isinstance(e, AudioChunk)]
+    pcm = np.concatenate(chunks) if chunks else np.zeros(0, np.int16)
+    return Reply(list(conversation.last_response.tokens), patches, end.reason, pcm)
 
 
 def replies_alone(worker, session_ids) -> dict[int, Reply]:

@@ -23,6 +23,10 @@ become final once the right overlap has arrived. Codes near chunk edges can diff
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import cast
+
 import numpy as np
 import torch
 from mimo_voice.streaming.model.modeling_audio_tokenizer import MiMoAudioTokenizer
@@ -65,17 +69,25 @@ class StreamingDecoder:
         self._flushed = False
         self._held: Tensor | None = None  # the last window's audio after the frames it returned
         self._held_from = 0  # the response frame index where _held starts
+        self._start = self._until = 0  # the window being decoded: its first frame, and the end of what it plays
         self.emitted_samples = 0
 
     @torch.inference_mode()
     def push(self, codes: Tensor | np.ndarray) -> Tensor:
+        window = self.prepare(codes)
+        return _empty_pcm() if window is None else self.take(self.tokenizer.decode_hidden(window))
+
+    def prepare(self, codes: Tensor | np.ndarray) -> Tensor | None:
+        """The first half of :meth:`push`: adds the codes; returns the window of summed code vectors to decode
+        (None when no new frame is ready), whose audio :meth:`take` then receives."""
         if self._flushed:
             self.reset()
         codes = self.tokenizer.check_codes(codes)
-        self._hidden = torch.cat([self._hidden, self.tokenizer.quantizer.decode(codes)])
+        with torch.inference_mode():
+            self._hidden = torch.cat([self._hidden, self.tokenizer.quantizer.decode(codes)])
         self._frames += codes.shape[0]
         ready = self._frames - self.lookahead_frames
-        return self._emit(ready) if ready > self._played else _empty_pcm()
+        return self._window(ready) if ready > self._played else None
 
     @torch.inference_mode()
     def flush(self) -> Tensor:
@@ -88,17 +100,20 @@ class StreamingDecoder:
             pcm, self._played = self._held, self._frames
             self.emitted_samples += pcm.numel()
         else:  # no window reached the last frame yet: decode that window now
-            pcm = self._emit(self._frames)
+            pcm = self.take(self.tokenizer.decode_hidden(self._window(self._frames)))
         self._held = None
         self._flushed = True
         return pcm
 
-    def _emit(self, until: int) -> Tensor:
-        """Decode the window around frames ``[played, until)`` and return their audio; the audio of the frames
+    def _window(self, until: int) -> Tensor:
+        """The window around frames ``[played, until)``: left context, those frames, and what follows them."""
+        self._start, self._until = max(self._first_cached, self._played - self.left_context_frames), until
+        return self._hidden[self._start - self._first_cached :]
+
+    def take(self, wav: Tensor) -> Tensor:
+        """The decoded window's audio -> the audio of its frames ``[played, until)``; the audio of the frames
         after ``until`` (the look-ahead) is kept for :meth:`flush`."""
-        start = max(self._first_cached, self._played - self.left_context_frames)
-        wav = self.tokenizer.decode_hidden(self._hidden[start - self._first_cached :])
-        spf = self.tokenizer.samples_per_frame
+        start, until, spf = self._start, self._until, self.tokenizer.samples_per_frame
         pcm = wav[(self._played - start) * spf : (until - start) * spf].cpu()
         self._held, self._held_from = wav[(until - start) * spf :].cpu(), until
         self._played = until
@@ -108,6 +123,25 @@ class StreamingDecoder:
             self._hidden = self._hidden[drop:]
             self._first_cached += drop
         return pcm
+
+
+@torch.inference_mode()
+def push_together(pushes: Sequence[tuple[StreamingDecoder, Tensor | np.ndarray]]) -> list[Tensor]:
+    """Each decoder's :meth:`~StreamingDecoder.push`, with the windows of one tokenizer and one length decoded as
+    one batch: the same audio (the decoder normalises each window on its own), in fewer, larger ops. Past the
+    first second of a reply every window has the same length, so the sessions stepped together decode together."""
+    windows = [decoder.prepare(codes) for decoder, codes in pushes]
+    batches: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for index, window in enumerate(windows):
+        if window is not None:
+            batches[(id(pushes[index][0].tokenizer), window.shape[0])].append(index)
+    out = [_empty_pcm() for _ in pushes]
+    for indices in batches.values():
+        tokenizer = pushes[indices[0]][0].tokenizer
+        wavs = tokenizer.decoder(torch.stack([cast(Tensor, windows[i]) for i in indices]))
+        for index, wav in zip(indices, wavs):
+            out[index] = pushes[index][0].take(wav)
+    return out
 
 
 class IncrementalEncoder:

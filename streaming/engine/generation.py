@@ -18,13 +18,14 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
 from mimo_voice.streaming.model.audio import float_to_pcm16
 from mimo_voice.streaming.model.prompts import THINK_CLOSE, Output
 
+from .codec_stream import StreamingDecoder, push_together
 from .context import Segment
 from .events import SAMPLES_PER_PATCH, AudioChunk, AudioPatch, Event, TextToken, ToolCallText, TurnEnd, TurnEndReason
 from .text_stream import Detokenizer, SpokenToken, ToolCallFilter, heard_text
@@ -196,15 +197,24 @@ class Generation:
             self.timings["first_step_ms"] = 1000 * (now - self._generation_start)
         self._undecoded.append(event.codes)
 
+    @property
+    def undecoded_patches(self) -> int:
+        return len(self._undecoded)
+
     def decode_audio(self) -> None:
         """Streams the released patches not decoded yet to PCM (``AudioChunk``)."""
         while self._undecoded:
             began = time.perf_counter()
-            pcm = self.decoder.push(torch.as_tensor(self._undecoded.popleft(), device=self.conv.codec.device))
-            elapsed = time.perf_counter() - began
-            self.timings.setdefault("first_decode_ms", 1000 * elapsed)
-            self._pcm_time += elapsed
-            self._emit_pcm(pcm)
+            pcm = self.decoder.push(self._next_undecoded())
+            self._emit_decoded(pcm, time.perf_counter() - began)
+
+    def _next_undecoded(self) -> torch.Tensor:
+        return torch.as_tensor(self._undecoded.popleft(), device=self.conv.codec.device)
+
+    def _emit_decoded(self, pcm: torch.Tensor, seconds: float) -> None:
+        self.timings.setdefault("first_decode_ms", 1000 * seconds)
+        self._pcm_time += seconds
+        self._emit_pcm(pcm)
 
     def _emit_pcm(self, pcm: torch.Tensor) -> None:
         if pcm.numel() == 0:
@@ -275,3 +285,14 @@ class Generation:
         heard = played_samples / SAMPLES_PER_PATCH
         patches = min(math.ceil(heard), self.released_patches)
         return patches, heard_text(self.spoken, self.released_patches, heard)
+
+
+def decode_audio_together(generations: list[Generation]) -> None:
+    """:meth:`Generation.decode_audio` of speaking generations with one released patch each, their decoder
+    windows decoded as batches (:func:`~.codec_stream.push_together`); each is charged an equal share."""
+    began = time.perf_counter()
+    pushes = [(cast(StreamingDecoder, g.decoder), g._next_undecoded()) for g in generations]
+    pcms = push_together(pushes)
+    share = (time.perf_counter() - began) / len(generations)
+    for generation, pcm in zip(generations, pcms):
+        generation._emit_decoded(pcm, share)

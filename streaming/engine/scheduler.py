@@ -12,7 +12,7 @@ Each active :class:`~.generation.Generation` is a row. One step phase (:meth:`St
 4. each row's position goes into its record and is routed (events go out here, before the backbone step:
    the first audio patch does not wait for the step that feeds it);
 5. one backbone ``step`` of B rows, one position each, rows at different lengths;
-6. the audio of each row's new patch is decoded to PCM.
+6. the audio of each row's new patch is decoded to PCM, the rows' equal-length decoder windows as one batch.
 
 An error in one row's own work (routing, a hook) ends that row only; an error in a batched call ends the
 rows of that call. A row stepped alone draws from its session's generator (reproducible for a seed); rows
@@ -31,6 +31,8 @@ import torch
 from loguru import logger
 from mimo_voice.streaming.model.fast import FastMiMoAudio, RowSampling, StepOutput
 from mimo_voice.streaming.model.sampling import SamplingParams
+
+from .generation import decode_audio_together
 
 if TYPE_CHECKING:
     from .generation import Generation
@@ -73,13 +75,11 @@ class StepScheduler:
         batch = [(g, t) for g, t in fed if not g.done and self._one_behind(g)]
         self._backbone_step(batch, dict(zip(audio, codes)) if audio else {})
         shared = time.perf_counter() - began
+        decoding = self._decode_audio([g for g, _ in fed if not g.done and g.decoder is not None])
         for generation, token in fed:
-            if generation.done:
-                continue
-            own = time.perf_counter()
-            if generation.decoder is not None:
-                _guarded(generation, generation.decode_audio)
-            generation.account("audio" if token == self.empty_token else "text", shared + time.perf_counter() - own)
+            if not generation.done:
+                kind = "audio" if token == self.empty_token else "text"
+                generation.account(kind, shared + decoding.get(generation, 0.0))
 
     # --- phases ---
 
@@ -177,6 +177,27 @@ class StepScheduler:
             mask[list(banned)] = True
             mask = self._ban_masks[banned] = mask.to(self.empty_codes.device)
         return mask
+
+    def _decode_audio(self, rows: list[Generation]) -> dict[Generation, float]:
+        """Each row's released patches to PCM; returns each row's share of the time. The rows with one new patch
+        (the usual case) decode together; a row with several (the delay filter released them at once) alone."""
+        seconds: dict[Generation, float] = {}
+        together = [g for g in rows if g.undecoded_patches == 1]
+        if len(together) > 1:
+            began = time.perf_counter()
+            try:
+                decode_audio_together(together)
+            except Exception as exc:  # a batched call failed: its rows end with the error
+                logger.exception("batched decode failed")
+                for generation in together:
+                    generation.finish("error", error=f"{type(exc).__name__}: {exc}")
+            seconds = dict.fromkeys(together, (time.perf_counter() - began) / len(together))
+        for generation in rows:
+            if generation not in seconds:
+                began = time.perf_counter()
+                _guarded(generation, generation.decode_audio)
+                seconds[generation] = time.perf_counter() - began
+        return seconds
 
 
 def _key(params: SamplingParams) -> tuple:
