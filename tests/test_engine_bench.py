@@ -42,6 +42,8 @@ def test_bench_engine_sessions_threads_and_op_profile(tmp_path, capsys):
     for entry in entries:
         assert {"sessions", "aggregate_groups_per_s", "per_group_ms_p50", "rtf_p50"} <= set(entry)
         assert entry["aggregate_groups_per_s"] > 0 and entry["per_group_ms_p50"] > 0 and entry["rtf_p50"] > 0
+        # The codec's time taken out: faster, by what the codec took.
+        assert entry["aggregate_groups_per_s_without_decode"] > entry["aggregate_groups_per_s"]
     # The end of the turn by stage, from the worker's own timings.
     for stage in ("last_encode_ms", "last_prefill_ms", "first_step_ms", "first_decode_ms"):
         assert report["metrics"][stage]["n"] == 1 and report["metrics"][stage]["p50"] > 0
