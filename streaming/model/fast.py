@@ -76,7 +76,10 @@ class _Linear:
         self.t: Tensor | None = None if fp16 else weight.t()
         self.packed: Any = torch.ops.quantized.linear_prepack_fp16(weight.float(), self.bias) if fp16 else None
 
-    def __call__(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+    def __call__(self, x: Tensor, residual: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+        if out is not None:  # only the addmm form writes in place (the patch decoder's RoPE-folded q|k|v)
+            assert self.t is not None and self.bias is not None and residual is None
+            return torch.addmm(self.bias, x, self.t, out=out)
         if self.packed is not None:
             y = torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
             return y if residual is None else y.add_(residual)
@@ -192,21 +195,29 @@ def _layer(
     sin: Tensor,
     attend: Attend,
     rotated_out: Tensor | None = None,
+    rotated_qkv: tuple[_Linear, Tensor] | None = None,
 ) -> Tensor:
     """One decoder layer on x [B * T, D] (rows of B sequences of T positions). ``cos``/``sin`` broadcast
     to [B, all_heads, 1, hd] when T is 1, else to [B, T, all_heads, hd]. With T = 1, ``rotated_out``
-    (a [B, all_heads, 1, hd] view of a cache) receives the rotated q|k|v directly."""
+    (a [B, all_heads, 1, hd] view of a cache) receives the rotated q|k|v directly. ``rotated_qkv`` (a q|k|v
+    projection with this position's RoPE folded in, and a [B, all_heads * hd] view of the cache) replaces the
+    projection and the rotation: ``attend`` then reads the cache."""
     h = _norm(x, layer.input_norm, stack.eps)
     if x.dtype != h.dtype:  # the patch encoder's bfloat16 input: the residual continues in the model dtype
         x = x.to(h.dtype)
-    qkv = layer.qkv(h)
     single = x.shape[0] == batch  # one position per row: [B, 1, heads, hd] is [B, heads, 1, hd] in memory
-    qkv = qkv.view(batch, stack.all_heads, 1, -1) if single else qkv.view(batch, -1, stack.all_heads, stack.head_dim)
-    rolled = qkv.roll(stack.head_dim // 2, -1)
-    if rotated_out is None:
-        rotated = torch.addcmul(qkv * cos, rolled, sin)  # x cos + rotate_half(x) sin
+    if rotated_qkv is not None:
+        projection, flat_out = rotated_qkv
+        rotated = projection(h, out=flat_out)
     else:
-        rotated = torch.addcmul(qkv * cos, rolled, sin, out=rotated_out)
+        qkv = layer.qkv(h)
+        shape = (batch, stack.all_heads, 1, -1) if single else (batch, -1, stack.all_heads, stack.head_dim)
+        qkv = qkv.view(shape)
+        rolled = qkv.roll(stack.head_dim // 2, -1)
+        if rotated_out is None:
+            rotated = torch.addcmul(qkv * cos, rolled, sin)  # x cos + rotate_half(x) sin
+        else:
+            rotated = torch.addcmul(qkv * cos, rolled, sin, out=rotated_out)
     attn = attend(rotated if single else rotated.transpose(1, 2))
     attn = attn.reshape(batch, -1) if single else attn.transpose(1, 2).reshape(x.shape[0], -1)
     x = layer.o(attn, residual=x)
@@ -232,23 +243,25 @@ class _DecoderStep:
     cos: Tensor  # [1, all_heads, 1, hd]
     sin: Tensor
     groups: list[_HeadGroup]
+    rotated_qkv: list[_Linear] | None  # per layer, q|k|v with this step's RoPE folded in (op-bound stacks only)
 
 
 class _DecoderCache:
-    """The patch decoder's rotated q|k|v [layers, B, all_heads, steps, hd]. Each (layer, step)'s
-    write slot and read views are made once, and the RoPE op writes into the slot: a step makes no
-    view, split or copy op for its cache."""
+    """The patch decoder's rotated q|k|v [layers, steps, B, all_heads, hd]. Each (layer, step)'s write slot
+    (as [B, all_heads, 1, hd] and as [B, all_heads * hd]) and read views are made once, and the RoPE op or
+    the RoPE-folded projection writes into the slot: a step makes no view, split or copy op for its cache."""
 
     def __init__(self, buffer: Tensor, heads: int, kv_heads: int) -> None:
         self.buffer = buffer
-        layers, steps = buffer.shape[0], buffer.shape[3]
-        self.slots = [[buffer[layer, :, :, step : step + 1] for step in range(steps)] for layer in range(layers)]
+        layers, steps, batch = buffer.shape[:3]
+        self.slots = [[buffer[layer, step].unsqueeze(2) for step in range(steps)] for layer in range(layers)]
+        self.flat_slots = [[buffer[layer, step].view(batch, -1) for step in range(steps)] for layer in range(layers)]
         self.views = [
             [
                 (
-                    buffer[layer, :, :heads, step : step + 1],
-                    buffer[layer, :, heads : heads + kv_heads, : step + 1],
-                    buffer[layer, :, heads + kv_heads :, : step + 1],
+                    buffer[layer, step, :, :heads].unsqueeze(2),
+                    buffer[layer, : step + 1, :, heads : heads + kv_heads].permute(1, 2, 0, 3),
+                    buffer[layer, : step + 1, :, heads + kv_heads :].permute(1, 2, 0, 3),
                 )
                 for step in range(steps)
             ]
@@ -358,6 +371,8 @@ class FastMiMoAudio:
         self.backbone = _Stack.from_qwen2(model.model, self._fp16(model.model))
         self.encoder = _Stack.from_qwen2(model.input_local_transformer, self._fp16(model.input_local_transformer))
         self.decoder = _Stack.from_qwen2(model.local_transformer, self._fp16(model.local_transformer))
+        decoder_fp16 = self.decoder.layers[0].qkv.packed is not None
+        self._fold_decoder_rope = self.device.type == "cpu" and not decoder_fp16 and _op_bound(model.local_transformer)
         self.embed_tokens = model.model.embed_tokens.weight.detach()
         self.lm_head = _Head(model.lm_head.weight, head_precision)
         self.downcast = model.hidden_states_downcast.weight.detach()
@@ -391,7 +406,8 @@ class FastMiMoAudio:
                 if max(lo, first) < min(hi, last)
             ]
             cos, sin = (t[step][None, :, None] for t in decoder_rope)
-            self.decoder_steps.append(_DecoderStep(cos=cos, sin=sin, groups=groups))
+            rotated = self._rotated_qkv(step) if self._fold_decoder_rope else None
+            self.decoder_steps.append(_DecoderStep(cos=cos, sin=sin, groups=groups, rotated_qkv=rotated))
         self.frame_major = torch.tensor(model._schedule.frame_major, device=self.device)
         self.speech_sizes_cpu = torch.tensor(sizes)
         self._decoder_caches: dict[int, _DecoderCache] = {}
@@ -402,7 +418,24 @@ class FastMiMoAudio:
         outweighs the bytes it saves: measured, the tiny preset's patch decoder takes 1.8x as long in fp16)."""
         if self.weights != "auto":
             return self.weights == "fp16"
-        return sum(p.numel() * p.element_size() for p in stack.layers.parameters()) >= FP16_MIN_BYTES
+        return not _op_bound(stack)
+
+    def _rotated_qkv(self, step: int) -> list[_Linear]:
+        """The patch decoder's q|k|v projections with step ``step``'s RoPE applied to their rows: the decoder's
+        positions are the same 11 in every call, so rotating the weights once replaces 4 ops per layer and step
+        (view, roll, mul, addcmul). Used on the CPU where the decoder is small (op-bound: its 11 copies of q|k|v
+        stay cheap), not where it is weight-bound (fp16) nor on CUDA (one graph replay)."""
+        stack, projections = self.decoder, []
+        table = stack.rope_table(self.config.patch_steps, self.dtype)[step]  # [2, hd]
+        cos, sin = (t[0] for t in stack.rope_per_head(table[None]))  # [all_heads, hd]
+        for layer in stack.layers:
+            assert layer.qkv.t is not None and layer.qkv.bias is not None
+            weight = layer.qkv.t.t().reshape(stack.all_heads, stack.head_dim, -1)  # [heads, hd, in]: rows per head
+            bias = layer.qkv.bias.view(stack.all_heads, stack.head_dim)
+            rotate = lambda rows: rows * cos[..., None] + rows.roll(stack.head_dim // 2, 1) * sin[..., None]  # noqa: E731
+            rotated_bias = bias * cos + bias.roll(stack.head_dim // 2, 1) * sin
+            projections.append(_Linear(rotate(weight).flatten(0, 1), rotated_bias.flatten(), fp16=False))
+        return projections
 
     def _head_group(self, model: MiMoAudioForCausalLM, lo: int, hi: int) -> _HeadGroup:
         """Channels lo..hi-1 (one vocabulary size) of the patch decoder: stacked heads and embedding tables."""
@@ -607,7 +640,8 @@ class FastMiMoAudio:
         for step, plan in enumerate(self.decoder_steps):
             for index, layer in enumerate(stack.layers):
                 attend, slot = cache.attend(index, step), cache.slots[index][step]
-                x = _layer(stack, layer, x, batch, plan.cos, plan.sin, attend, slot)
+                folded = None if plan.rotated_qkv is None else (plan.rotated_qkv[index], cache.flat_slots[index][step])
+                x = _layer(stack, layer, x, batch, plan.cos, plan.sin, attend, slot, folded)
             h = _norm(x, stack.norm, stack.eps)
             last = step + 1 == len(self.decoder_steps)
             for index, group in enumerate(plan.groups):
@@ -641,9 +675,9 @@ class FastMiMoAudio:
             self._decoder_caches[batch] = _DecoderCache(
                 torch.zeros(
                     len(stack.layers),
+                    self.config.patch_steps,
                     batch,
                     stack.all_heads,
-                    self.config.patch_steps,
                     stack.head_dim,
                     device=self.device,
                     dtype=self.dtype,
@@ -692,6 +726,12 @@ class _PatchGraph:
         self.sampling.copy_rows_(sampling)
         self.graph.replay()
         return self.codes[:rows].clone()
+
+
+def _op_bound(stack: Qwen2Model) -> bool:
+    """Whether a stack's layers are small enough (under FP16_MIN_BYTES) to stay in the CPU's caches, so that a
+    step's time goes to op overhead rather than to reading weights."""
+    return sum(p.numel() * p.element_size() for p in stack.layers.parameters()) < FP16_MIN_BYTES
 
 
 def _resolve_weights(weights: WeightPrecision, device: torch.device, dtype: torch.dtype) -> str:
