@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from session_support import voice
 from worker_support import (
     EndAfter,
@@ -121,3 +122,26 @@ def test_a_closed_conversation_is_freed_at_once_without_the_cycle_collector(work
         assert freed() is None, [type(r).__name__ for r in gc.get_referrers(freed())]
     finally:
         gc.enable()
+
+
+def test_the_embedded_tiny_models_spoken_replies_are_held_to_their_trained_length(worker, monkeypatch):
+    """It learnt to end its reply only ~95 % of the time: a stop is banned before the shortest length and forced
+    at the longest, so the default always answers audibly and hands the turn back."""
+    assert worker.reply_patches == (22, 36)  # the embedded tiny preset
+    monkeypatch.setattr(worker, "reply_patches", (3, 5))
+    conversation = open_conversation(worker, 7)
+    conversation.text_hook = None  # the model chooses every token
+    respond(worker, conversation)
+    generation = conversation.generation
+    stops = {worker.special.eostm, worker.special.im_end, worker.special.endoftext}
+    seen_banned = set()
+    with torch.inference_mode():
+        while worker.active:
+            if generation.phase == "stream":
+                seen_banned.add((generation.audio_positions, bool(stops & set(generation.banned()))))
+            worker._step_all()
+    _, patches, reason, _ = reply(worker, conversation)
+    assert reason == "stop" and 3 <= generation.audio_positions <= 5
+    assert all(banned == (positions < 3) for positions, banned in seen_banned)
+    assert len(patches) == generation.audio_positions
+    conversation.close()

@@ -69,6 +69,7 @@ class Generation:
         self.filter = ToolCallFilter()
         self.spoken: list[SpokenToken] = []
         self.released_patches = 0
+        self.audio_positions = 0  # <|empty|> positions generated (the reply's patches, before the delay filter)
         self.emitted_samples = 0
         self.decoder = conversation.new_decoder() if output == "speech" else None
         self.cancel_requested = False
@@ -91,6 +92,9 @@ class Generation:
         None: the text head samples it."""
         if self.forced:
             return self.forced.popleft()
+        bounds = self.conv.worker.reply_patches
+        if bounds is not None and self.phase == "stream" and self.audio_positions >= bounds[1]:
+            return self.conv.special.eostm
         hook = self.conv.text_hook
         if hook is not None:
             forced = hook(list(self.tokens))
@@ -115,6 +119,7 @@ class Generation:
         conv.context.add(token, codes, self.segment)
         self.tokens.append(token)
         if codes is not None:
+            self.audio_positions += 1
             self._route_patch(codes)
         else:
             self._route_token(token)
@@ -132,6 +137,9 @@ class Generation:
         """Text ids the text head must not sample in the current phase."""
         special = self.conv.special
         if self.phase == "stream":
+            bounds = self.conv.worker.reply_patches
+            if bounds is not None and self.audio_positions < bounds[0]:  # too short to hear: no stop yet
+                return (special.sostm, *self._stop_ids())
             return (special.sostm,)  # a stream opens once
         banned = [special.empty, special.eot, special.eostm]
         if self.phase == "thinking":  # a thought is followed by an answer: no stopping inside the block

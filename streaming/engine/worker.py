@@ -81,6 +81,8 @@ from .protocol import (
 )
 from .scheduler import StepScheduler
 
+TINY_REPLY_PATCHES = (22, 36)  # 3.5-5.8 s of audio; the trained replies have 25-30 patches
+
 
 class Worker:
     """The model, the audio tokenizer and every session's :class:`~.conversation.Conversation`."""
@@ -98,6 +100,10 @@ class Worker:
         self.config = config
         self.connection = connection
         self.testing = testing
+        # The embedded tiny model learnt its reply format only ~95 % of the time: its spoken replies are held to
+        # the trained length (at least, at most this many patches) so that the default always babbles audibly.
+        embedded_tiny = config.model.path is None and config.model.preset == "tiny"
+        self.reply_patches: tuple[int, int] | None = TINY_REPLY_PATCHES if embedded_tiny else None
         device = pick_device(config.model.device)
         dtype = pick_dtype(config.model.dtype, device)
         if config.model.path is None and config.model.preset == "real7b":
