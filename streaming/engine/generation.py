@@ -88,18 +88,18 @@ class Generation:
     # --- one step, in phases driven by the worker's scheduler (:mod:`.scheduler`) for every row at once ---
 
     def forced_token(self) -> int | None:
-        """This step's token when it is forced (the thinking budget's tag, ``<|sostm|>``, a ``text_hook``);
-        None: the text head samples it."""
+        """This step's token when it is forced (the thinking budget's tag, ``<|sostm|>``, a ``text_hook``, the
+        embedded tiny model's longest reply); None: the text head samples it."""
         if self.forced:
             return self.forced.popleft()
-        bounds = self.conv.worker.reply_patches
-        if bounds is not None and self.phase == "stream" and self.audio_positions >= bounds[1]:
-            return self.conv.special.eostm
         hook = self.conv.text_hook
         if hook is not None:
             forced = hook(list(self.tokens))
             if forced is not None:
                 return int(forced)
+        bounds = self.conv.worker.reply_patches  # after the hook: a test that scripts a long reply gets it
+        if bounds is not None and self.phase == "stream" and self.audio_positions >= bounds[1]:
+            return self.conv.special.eostm
         return None
 
     def accept(self, token: int) -> bool:
