@@ -80,12 +80,16 @@ class StreamingDecoder:
     def prepare(self, codes: Tensor | np.ndarray) -> Tensor | None:
         """The first half of :meth:`push`: adds the codes; returns the window of summed code vectors to decode
         (None when no new frame is ready), whose audio :meth:`take` then receives."""
-        if self._flushed:
-            self.reset()
         codes = self.tokenizer.check_codes(codes)
         with torch.inference_mode():
-            self._hidden = torch.cat([self._hidden, self.tokenizer.quantizer.decode(codes)])
-        self._frames += codes.shape[0]
+            return self.prepare_vectors(self.tokenizer.quantizer.decode(codes))
+
+    def prepare_vectors(self, vectors: Tensor) -> Tensor | None:
+        """:meth:`prepare` of codes already summed to their code vectors ``[frames, d_model]``."""
+        if self._flushed:
+            self.reset()
+        self._hidden = torch.cat([self._hidden, vectors])
+        self._frames += vectors.shape[0]
         ready = self._frames - self.lookahead_frames
         return self._window(ready) if ready > self._played else None
 
@@ -130,7 +134,7 @@ def push_together(pushes: Sequence[tuple[StreamingDecoder, Tensor | np.ndarray]]
     """Each decoder's :meth:`~StreamingDecoder.push`, with the windows of one tokenizer and one length decoded as
     one batch: the same audio (the decoder normalises each window on its own), in fewer, larger ops. Past the
     first second of a reply every window has the same length, so the sessions stepped together decode together."""
-    windows = [decoder.prepare(codes) for decoder, codes in pushes]
+    windows = _prepare_together(pushes)
     batches: dict[tuple[int, int], list[int]] = defaultdict(list)
     for index, window in enumerate(windows):
         if window is not None:
@@ -142,6 +146,21 @@ def push_together(pushes: Sequence[tuple[StreamingDecoder, Tensor | np.ndarray]]
         for index, wav in zip(indices, wavs):
             out[index] = pushes[index][0].take(wav)
     return out
+
+
+def _prepare_together(pushes: Sequence[tuple[StreamingDecoder, Tensor | np.ndarray]]) -> list[Tensor | None]:
+    """Each decoder's :meth:`~StreamingDecoder.prepare`, the code vectors of one tokenizer's pushes summed in one
+    call (a patch's 4 frames alone cost as many ops as all of them)."""
+    checked = [decoder.tokenizer.check_codes(codes) for decoder, codes in pushes]
+    tokenizer = pushes[0][0].tokenizer if pushes else None
+    if (
+        tokenizer is None
+        or any(d.tokenizer is not tokenizer for d, _ in pushes)
+        or len({c.shape[1] for c in checked}) > 1
+    ):
+        return [decoder.prepare(codes) for (decoder, _), codes in zip(pushes, checked)]
+    vectors = tokenizer.quantizer.decode(torch.cat(checked)).split([c.shape[0] for c in checked])
+    return [decoder.prepare_vectors(v) for (decoder, _), v in zip(pushes, vectors)]
 
 
 class IncrementalEncoder:

@@ -27,7 +27,7 @@ import json
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import numpy as np
 import torch
@@ -230,7 +230,7 @@ class ResidualVectorQuantizer(nn.Module):
         return [stage._codebook for stage in self.vq.layers]  # type: ignore[misc]  # ModuleList is untyped
 
     def codebook(self, index: int) -> Tensor:
-        return self.stages()[index].embed
+        return cast(Codebook, self.vq.layers[index]._codebook).embed
 
     def encode(self, x: Tensor, n_q: int) -> Tensor:
         """``[N, dim]`` -> codes ``[N, n_q]``."""
