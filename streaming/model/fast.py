@@ -46,7 +46,9 @@ HeadPrecision = Literal["auto", "model", "fp16", "bf16", "int8"]  # the lm_head'
 WeightPrecision = Literal["auto", "model", "fp16"]  # the layers' weights (see _Linear)
 PatchSampling = RowSampling | SamplingParams
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-FP16_MIN_BYTES = 4 << 20  # a stack's layers at least this large read fp16 weights under weights='auto' (CPU)
+# A stack whose layers hold less stays in the CPU's caches (op-bound): there fp16 weights do not pay, and the
+# patch decoder's RoPE is folded into its weights; at least this much, weights='auto' reads them in fp16.
+FP16_MIN_BYTES = 4 << 20
 
 
 @dataclass
@@ -71,7 +73,6 @@ class _Linear:
 
     def __init__(self, weight: Tensor, bias: Tensor | None, fp16: bool) -> None:
         weight = weight.detach()
-        self.out_features = weight.shape[0]
         self.bias = None if bias is None else bias.detach()
         self.t: Tensor | None = None if fp16 else weight.t()
         self.packed: Any = torch.ops.quantized.linear_prepack_fp16(weight.float(), self.bias) if fp16 else None
@@ -425,16 +426,21 @@ class FastMiMoAudio:
         positions are the same 11 in every call, so rotating the weights once replaces 4 ops per layer and step
         (view, roll, mul, addcmul). Used on the CPU where the decoder is small (op-bound: its 11 copies of q|k|v
         stay cheap), not where it is weight-bound (fp16) nor on CUDA (one graph replay)."""
-        stack, projections = self.decoder, []
+        stack = self.decoder
         table = stack.rope_table(self.config.patch_steps, self.dtype)[step]  # [2, hd]
         cos, sin = (t[0] for t in stack.rope_per_head(table[None]))  # [all_heads, hd]
+
+        def rope(rows: Tensor) -> Tensor:
+            """x cos + rotate_half(x) sin along dim 1 of rows [all_heads, hd, ...]: each output's weight row."""
+            shape = (*cos.shape, *[1] * (rows.dim() - 2))
+            return rows * cos.view(shape) + rows.roll(stack.head_dim // 2, 1) * sin.view(shape)
+
+        projections = []
         for layer in stack.layers:
             assert layer.qkv.t is not None and layer.qkv.bias is not None
-            weight = layer.qkv.t.t().reshape(stack.all_heads, stack.head_dim, -1)  # [heads, hd, in]: rows per head
+            weight = layer.qkv.t.t().reshape(stack.all_heads, stack.head_dim, -1)  # [heads, hd, in]
             bias = layer.qkv.bias.view(stack.all_heads, stack.head_dim)
-            rotate = lambda rows: rows * cos[..., None] + rows.roll(stack.head_dim // 2, 1) * sin[..., None]  # noqa: E731
-            rotated_bias = bias * cos + bias.roll(stack.head_dim // 2, 1) * sin
-            projections.append(_Linear(rotate(weight).flatten(0, 1), rotated_bias.flatten(), fp16=False))
+            projections.append(_Linear(rope(weight).flatten(0, 1), rope(bias).flatten(), fp16=False))
         return projections
 
     def _head_group(self, model: MiMoAudioForCausalLM, lo: int, hi: int) -> _HeadGroup:
