@@ -380,7 +380,10 @@ class FastMiMoAudio:
         self.group_downcast = model.speech_group_downcast.weight.detach()
         to_local = model.speech_embeddings_to_local
         self.to_local = None if to_local is None else to_local.weight.detach()
-        self.backbone_rope = self.backbone.rope_table(self.pool.capacity, self.dtype)
+        # cos and sin per head at every position of a slot, [capacity, 2, all_heads, 1, hd]: a step reads its rows'
+        # with one index_select instead of building them.
+        per_head = self.backbone.rope_per_head(self.backbone.rope_table(self.pool.capacity, self.dtype))
+        self.backbone_rope = torch.stack(per_head, dim=1)[:, :, :, None]
         # The patch encoder is fed bfloat16 channel sums, so transformers casts its RoPE table to bfloat16.
         encoder_rope = self.encoder.rope_table(config.group_size, torch.bfloat16).to(self.dtype)
         encoder_cos, encoder_sin = self.encoder.rope_per_head(encoder_rope)
@@ -498,12 +501,13 @@ class FastMiMoAudio:
 
     def embed_patches(self, codes: Tensor) -> Tensor:
         """The patch encoder, batched over N patches: codes [N, group, channels] -> [N, hidden]."""
-        n, group, channels = codes.shape
+        n, group = codes.shape[:2]
         rows = F.embedding(codes + self.code_offsets, self.speech_table_masked)  # [N, group, channels, dim]
         # The channel sum is rounded to bfloat16 after every addition, whatever the model dtype, as upstream does.
-        frames = rows[:, :, 0].to(torch.bfloat16)
-        for channel in range(1, channels):
-            frames += rows[:, :, channel]
+        first, *others = rows.unbind(2)
+        frames = first.to(torch.bfloat16)
+        for other in others:
+            frames += other
         stack = self.encoder
         causal = not self.config.input_full_attention
 
@@ -531,8 +535,9 @@ class FastMiMoAudio:
         end = start + count
         if end > self.pool.capacity:
             raise ValueError(f"slot {slot} holds {start} of {self.pool.capacity} positions: no room for {count} more")
-        cos, sin = self.backbone.rope_per_head(self.backbone_rope[start:end])  # [T, all_heads, hd]
-        cos, sin = (cos[:, :, None], sin[:, :, None]) if count == 1 else (cos[None], sin[None])
+        cos, sin = self.backbone_rope[start:end].unbind(1)  # [T, all_heads, 1, hd]
+        if count > 1:  # [1, T, all_heads, hd]: broadcast over the layer's [B, T, all_heads, hd]
+            cos, sin = cos[None, :, :, 0], sin[None, :, :, 0]
         mask = None
         if start:  # causal, shifted by the positions already in the slot
             mask = torch.arange(end, device=self.device) <= torch.arange(start, end, device=self.device)[:, None]
@@ -569,7 +574,7 @@ class FastMiMoAudio:
             raise ValueError(f"a slot is full ({self.pool.capacity} positions)")
         positions = torch.tensor(lengths, dtype=torch.long).to(self.device, non_blocking=True)
         rows = torch.tensor(slots, dtype=torch.long).to(self.device, non_blocking=True)
-        cos, sin = (t[:, :, None] for t in self.backbone.rope_per_head(self.backbone_rope.index_select(0, positions)))
+        cos, sin = self.backbone_rope.index_select(0, positions).unbind(1)  # [B, all_heads, 1, hd]
         span = max(lengths) + 1
         mask = (torch.arange(span, device=self.device) <= positions[:, None])[:, None, None]
         first = min(slots)
