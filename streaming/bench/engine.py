@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 from mimo_voice.configs import Config
-from mimo_voice.streaming.engine.events import SAMPLE_RATE, SAMPLES_PER_PATCH, AudioChunk, AudioPatch, TurnEnd
+from mimo_voice.streaming.engine.events import AudioChunk, AudioPatch, TurnEnd
+from mimo_voice.streaming.engine.generation import PATCH_SECONDS
 from mimo_voice.streaming.engine.testing import TestingEngine as Engine
 from mimo_voice.streaming.engine.testing import TestingSession as Session
 from mimo_voice.streaming.model.text_tokenizer import SpecialTokens, load_text_tokenizer
@@ -263,7 +264,7 @@ def _by_sessions(together: dict[int, list[list[dict]]], patches: int) -> list[di
         replies = [reply for run in runs for reply in run]
         rates = [count * patches / run[0]["wall_s"] for run in runs]
         # The same without the codec: the official loop's "audio group" (LLM step, patch decoder, patch encoder).
-        decode_s = [sum(r["ms_pcm_per_patch"] / 1000 * r["audio_s"] * PATCHES_PER_S for r in run) for run in runs]
+        decode_s = [sum(r["ms_pcm_per_patch"] / 1000 * r["audio_s"] / PATCH_SECONDS for r in run) for run in runs]
         model_rates = [count * patches / (run[0]["wall_s"] - spent) for run, spent in zip(runs, decode_s)]
         entries.append(
             {
@@ -279,7 +280,6 @@ def _by_sessions(together: dict[int, list[list[dict]]], patches: int) -> list[di
 
 
 WITHOUT_DECODE = "aggregate_groups_per_s_without_decode"
-PATCHES_PER_S = SAMPLE_RATE / SAMPLES_PER_PATCH
 
 
 def _sessions_table(entries: list[dict]) -> Table:

@@ -158,7 +158,7 @@ def _prepare_together(pushes: Sequence[tuple[StreamingDecoder, Tensor | np.ndarr
         or any(d.tokenizer is not tokenizer for d, _ in pushes)
         or len({c.shape[1] for c in checked}) > 1
     ):
-        return [decoder.prepare(codes) for (decoder, _), codes in zip(pushes, checked)]
+        return [d.prepare_vectors(d.tokenizer.quantizer.decode(codes)) for (d, _), codes in zip(pushes, checked)]
     vectors = tokenizer.quantizer.decode(torch.cat(checked)).split([c.shape[0] for c in checked])
     return [decoder.prepare_vectors(v) for (decoder, _), v in zip(pushes, vectors)]
 

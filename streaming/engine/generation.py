@@ -27,7 +27,17 @@ from mimo_voice.streaming.model.prompts import THINK_CLOSE, Output
 
 from .codec_stream import StreamingDecoder, push_together
 from .context import Segment
-from .events import SAMPLES_PER_PATCH, AudioChunk, AudioPatch, Event, TextToken, ToolCallText, TurnEnd, TurnEndReason
+from .events import (
+    SAMPLE_RATE,
+    SAMPLES_PER_PATCH,
+    AudioChunk,
+    AudioPatch,
+    Event,
+    TextToken,
+    ToolCallText,
+    TurnEnd,
+    TurnEndReason,
+)
 from .text_stream import Detokenizer, SpokenToken, ToolCallFilter, heard_text
 
 if TYPE_CHECKING:
@@ -36,7 +46,7 @@ if TYPE_CHECKING:
     from .conversation import Conversation
 
 THINK_END_TAG = THINK_CLOSE.strip()
-PATCH_SECONDS = SAMPLES_PER_PATCH / 24_000
+PATCH_SECONDS = SAMPLES_PER_PATCH / SAMPLE_RATE
 
 
 class Generation:

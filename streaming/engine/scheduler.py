@@ -54,13 +54,7 @@ class StepScheduler:
             if generation.cancel_requested:
                 generation.finish("cancelled")
         rows = [g for g in rows if not g.done and self._caught_up(g)]
-        try:
-            self._step(rows, began)
-        except Exception as exc:  # a batched call failed: its rows end with the error; the engine goes on
-            logger.exception("batched step failed")
-            for generation in rows:
-                if not generation.done:
-                    generation.finish("error", error=f"{type(exc).__name__}: {exc}")
+        _batched(rows, "step", lambda: self._step(rows, began))
 
     def _step(self, rows: list[Generation], began: float) -> None:
         if not rows:
@@ -185,12 +179,7 @@ class StepScheduler:
         together = [g for g in rows if g.undecoded_patches == 1]
         if len(together) > 1:
             began = time.perf_counter()
-            try:
-                decode_audio_together(together)
-            except Exception as exc:  # a batched call failed: its rows end with the error
-                logger.exception("batched decode failed")
-                for generation in together:
-                    generation.finish("error", error=f"{type(exc).__name__}: {exc}")
+            _batched(together, "decode", lambda: decode_audio_together(together))
             seconds = dict.fromkeys(together, (time.perf_counter() - began) / len(together))
         for generation in rows:
             if generation not in seconds:
@@ -217,5 +206,20 @@ def _guarded(generation: Generation, work: Callable[[], object]) -> object:
         return work()
     except Exception as exc:
         logger.exception("generation step failed")
-        generation.finish("error", error=f"{type(exc).__name__}: {exc}")
+        generation.finish("error", error=_described(exc))
         return None
+
+
+def _batched(rows: list[Generation], what: str, work: Callable[[], object]) -> None:
+    """Runs a call made for several rows; an exception ends every row still running (with the error), and the
+    engine goes on."""
+    try:
+        work()
+    except Exception as exc:
+        logger.exception(f"batched {what} failed")
+        for generation in rows:
+            generation.finish("error", error=_described(exc))  # a no-op for a row already done
+
+
+def _described(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"

@@ -102,11 +102,11 @@ class Worker:
         self.testing = testing
         # The embedded tiny model learnt its reply format only ~95 % of the time: its spoken replies are held to
         # the trained length (at least, at most this many patches) so that the default always babbles audibly.
-        embedded_tiny = config.model.path is None and config.model.preset == "tiny"
-        self.reply_patches: tuple[int, int] | None = TINY_REPLY_PATCHES if embedded_tiny else None
+        embedded = config.model.preset if config.model.path is None else None
+        self.reply_patches: tuple[int, int] | None = TINY_REPLY_PATCHES if embedded == "tiny" else None
         device = pick_device(config.model.device)
         dtype = pick_dtype(config.model.dtype, device)
-        if config.model.path is None and config.model.preset == "real7b":
+        if embedded == "real7b":
             self.model, self.tokenizer, self.special = random_on_device(llm_path, device, dtype, config.model.seed)
         else:
             self.model, self.tokenizer, self.special = load_mimo_audio(llm_path, device=device, dtype=dtype)

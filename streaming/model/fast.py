@@ -371,9 +371,9 @@ class FastMiMoAudio:
         config = self.config
         self.backbone = _Stack.from_qwen2(model.model, self._fp16(model.model))
         self.encoder = _Stack.from_qwen2(model.input_local_transformer, self._fp16(model.input_local_transformer))
-        self.decoder = _Stack.from_qwen2(model.local_transformer, self._fp16(model.local_transformer))
-        decoder_fp16 = self.decoder.layers[0].qkv.packed is not None
-        self._fold_decoder_rope = self.device.type == "cpu" and not decoder_fp16 and _op_bound(model.local_transformer)
+        decoder_fp16 = self._fp16(model.local_transformer)
+        self.decoder = _Stack.from_qwen2(model.local_transformer, decoder_fp16)
+        fold_decoder_rope = self.device.type == "cpu" and not decoder_fp16 and _op_bound(model.local_transformer)
         self.embed_tokens = model.model.embed_tokens.weight.detach()
         self.lm_head = _Head(model.lm_head.weight, head_precision)
         self.downcast = model.hidden_states_downcast.weight.detach()
@@ -410,7 +410,7 @@ class FastMiMoAudio:
                 if max(lo, first) < min(hi, last)
             ]
             cos, sin = (t[step][None, :, None] for t in decoder_rope)
-            rotated = self._rotated_qkv(step) if self._fold_decoder_rope else None
+            rotated = self._rotated_qkv(step) if fold_decoder_rope else None
             self.decoder_steps.append(_DecoderStep(cos=cos, sin=sin, groups=groups, rotated_qkv=rotated))
         self.frame_major = torch.tensor(model._schedule.frame_major, device=self.device)
         self.speech_sizes_cpu = torch.tensor(sizes)
