@@ -124,6 +124,27 @@ def test_a_closed_conversation_is_freed_at_once_without_the_cycle_collector(work
         gc.enable()
 
 
+def test_a_failing_batched_decode_ends_its_rows_with_the_error_and_the_engine_goes_on(worker, monkeypatch):
+    from mimo_voice.streaming.engine import generation
+
+    def exploding(pushes):
+        raise RuntimeError("codec exploded")
+
+    monkeypatch.setattr(generation, "push_together", exploding)
+    conversations = [open_conversation(worker, session_id) for session_id in (1, 3)]
+    for conversation in conversations:
+        respond(worker, conversation)
+    run(worker)
+    assert not worker.active
+    for conversation in conversations:
+        end = worker.outbox.events[conversation.session_id][-1]
+        assert end.reason == "error" and "codec exploded" in end.error
+        reply(worker, conversation)
+        conversation.close()
+    monkeypatch.undo()
+    assert replies_alone(worker, [4])[4].reason == "stop"  # the next reply is generated as usual
+
+
 def test_the_embedded_tiny_models_spoken_replies_are_held_to_their_trained_length(worker, monkeypatch):
     """It learnt to end its reply only ~95 % of the time: a stop is banned before the shortest length and forced
     at the longest, so the default always answers audibly and hands the turn back."""
