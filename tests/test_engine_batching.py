@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from mimo_voice.streaming.engine import generation
 from session_support import voice
 from worker_support import (
     EndAfter,
@@ -62,24 +63,26 @@ def test_a_session_leaving_frees_its_slot_and_a_new_one_gets_a_clean_cache(worke
     second.close()
 
 
-def test_a_failing_batched_call_ends_its_rows_with_the_error_and_the_engine_goes_on(worker, monkeypatch):
-    conversations = [open_conversation(worker, session_id) for session_id in (1, 3)]
-
+@pytest.mark.parametrize("part", ["patch decoder", "codec"])
+def test_a_failing_batched_call_ends_its_rows_with_the_error_and_the_engine_goes_on(worker, monkeypatch, part):
     def exploding(*args, **kwargs):
-        raise RuntimeError("patch decoder exploded")
+        raise RuntimeError(f"{part} exploded")
 
-    monkeypatch.setattr(worker.fast, "decode_patch", exploding)
+    # The patch decoder's call for the rows, or the codec's decode of their windows (codec_stream.push_together).
+    target, name = (worker.fast, "decode_patch") if part == "patch decoder" else (generation, "push_together")
+    monkeypatch.setattr(target, name, exploding)
+    conversations = [open_conversation(worker, session_id) for session_id in (1, 3)]
     for conversation in conversations:
         respond(worker, conversation)
     run(worker)
     assert not worker.active
     for conversation in conversations:
         end = worker.outbox.events[conversation.session_id][-1]
-        assert end.reason == "error" and "patch decoder exploded" in end.error
+        assert end.reason == "error" and f"{part} exploded" in end.error
         reply(worker, conversation)
         conversation.close()
     monkeypatch.undo()
-    assert replies_alone(worker, [4])[4][2] == "stop"  # the next reply is generated as usual
+    assert replies_alone(worker, [4])[4].reason == "stop"  # the next reply is generated as usual
 
 
 def test_more_conversations_than_kv_slots_is_a_clear_error(worker):
@@ -122,27 +125,6 @@ def test_a_closed_conversation_is_freed_at_once_without_the_cycle_collector(work
         assert freed() is None, [type(r).__name__ for r in gc.get_referrers(freed())]
     finally:
         gc.enable()
-
-
-def test_a_failing_batched_decode_ends_its_rows_with_the_error_and_the_engine_goes_on(worker, monkeypatch):
-    from mimo_voice.streaming.engine import generation
-
-    def exploding(pushes):
-        raise RuntimeError("codec exploded")
-
-    monkeypatch.setattr(generation, "push_together", exploding)
-    conversations = [open_conversation(worker, session_id) for session_id in (1, 3)]
-    for conversation in conversations:
-        respond(worker, conversation)
-    run(worker)
-    assert not worker.active
-    for conversation in conversations:
-        end = worker.outbox.events[conversation.session_id][-1]
-        assert end.reason == "error" and "codec exploded" in end.error
-        reply(worker, conversation)
-        conversation.close()
-    monkeypatch.undo()
-    assert replies_alone(worker, [4])[4].reason == "stop"  # the next reply is generated as usual
 
 
 def test_the_embedded_tiny_models_spoken_replies_are_held_to_their_trained_length(worker, monkeypatch):
