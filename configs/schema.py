@@ -94,6 +94,14 @@ class StreamingSection(Section):
     decode_lookahead_frames: int = Field(8, ge=0)
     encode_chunk_secs: float = Field(2.0, gt=0)
     encode_overlap_secs: float = Field(0.5, ge=0)
+    prepare_reply_after_secs: float = Field(
+        0.2,
+        ge=0,
+        description="After this much silence in the user's audio, the reply's start is computed before the turn "
+        "ends (undone if they speak again; the silence after this point is not fed). Keep it below vad.stop_secs; "
+        "0 turns it off.",
+    )
+    silence_dbfs: float = Field(-50.0, le=0, description="RMS level under which user audio counts as silence.")
     max_context_positions: int = Field(8192, ge=64)
     context_headroom_positions: int = Field(512, ge=0)
 

@@ -27,11 +27,14 @@ def test_bench_engine_prints_a_table_and_writes_json(tmp_path, capsys):
     assert 0 < metrics["group_ms"]["p50"] <= metrics["group_with_decode_ms"]["p50"]
     assert 0 < metrics["first_patch_turn1_ms"]["p50"] < 1000 * metrics["first_pcm_turn1_s"]["p90"]
     assert report["official"]["group_ms"] == 13.5 and report["meta"]["command"] == "bench engine"
+    # The speech is followed by the VAD's pause (vad.stop_secs): every reply's start was computed in it.
+    assert metrics["prepared_in_pause"]["p50"] == 1 and metrics["last_prefill_ms"]["p90"] == 0
+    assert 0 < metrics["first_step_ms"]["p50"] <= metrics["first_patch_turn1_ms"]["p90"]
 
 
 def test_bench_engine_sessions_threads_and_op_profile(tmp_path, capsys):
     target = tmp_path / "engine.json"
-    argv = ["--runs", "1", "--turns", "1", "--patches", "3", "--user-secs", "0.5", "--threads", "1"]
+    argv = ["--runs", "1", "--turns", "1", "--patches", "3", "--user-secs", "0.5", "--pause-secs", "0", "--threads", "1"]
     code = bench.main(cpu_config(None), [*argv, "--sessions", "1,2", "--profile-ops", "--json", str(target)])
     assert code == 0
     table = capsys.readouterr().out
@@ -44,9 +47,10 @@ def test_bench_engine_sessions_threads_and_op_profile(tmp_path, capsys):
         assert entry["aggregate_groups_per_s"] > 0 and entry["per_group_ms_p50"] > 0 and entry["rtf_p50"] > 0
         # The codec's time taken out: faster, by what the codec took.
         assert entry["aggregate_groups_per_s_without_decode"] > entry["aggregate_groups_per_s"]
-    # The end of the turn by stage, from the worker's own timings.
+    # The end of the turn by stage, from the worker's own timings (no pause: nothing was prepared).
     for stage in ("last_encode_ms", "last_prefill_ms", "first_step_ms", "first_decode_ms"):
         assert report["metrics"][stage]["n"] == 1 and report["metrics"][stage]["p50"] > 0
+    assert report["metrics"]["prepared_in_pause"]["p50"] == 0
     ops = report["ops"]
     assert ops["groups"] == 3 and set(ops["ops_per_group"]) == {"LLM step", "patch decoder", "patch encoder", "decode"}
     assert all(count > 0 for count in ops["ops_per_group"].values())

@@ -11,7 +11,9 @@ Reported, with p50/p90 over runs (and turns where it applies):
 - per audio group: LLM step + 11-step patch decoder + patch encoder, and the same plus streaming decode;
   RTF = that time / 160 ms of audio;
 - end of turn -> the rest of the user's turn encoded and fed (the part not done while they talked), -> first
-  audio patch and -> first PCM chunk, at turn 1 and at the last turn. History is never re-prefilled, so the
+  audio patch and -> first PCM chunk, at turn 1 and at the last turn. As in the live path, the speech is followed
+  by the pause after which the VAD ends the turn (``--pause-secs``, default ``vad.stop_secs``), fed as quiet
+  noise; with ``streaming.prepare_reply_after_secs`` below it, the reply's start is computed in that pause. History is never re-prefilled, so the
   last turn must stay within 1.2x of the first (the command fails otherwise);
 - worker -> session: from an audio patch's making in the engine to its arrival in the session's event loop
   (``perf_counter`` is one clock for every process of a machine). ``--backend ray`` runs the same conversations
@@ -45,11 +47,13 @@ MAX_TURN_RATIO = 1.2
 # The end of the turn by stage, as the worker times them (TurnEnd timings): what lies between respond() and the
 # first audio patch, then that patch's PCM.
 STAGES = (
-    ("last_encode_ms", "last encode (the rest of the user's audio)"),
-    ("last_prefill_ms", "last prefill (last user patches + closing tokens + assistant prefix, one forward)"),
-    ("first_step_ms", "first step (text head + patch decoder)"),
-    ("first_decode_ms", "first decode (the first patch to PCM)"),
+    ("last_encode_ms", "last encode (the rest of the user's audio) (ms)"),
+    ("last_prefill_ms", "last prefill (last user patches + closing tokens + assistant prefix, one forward) (ms)"),
+    ("first_step_ms", "first step (text head + patch decoder) (ms)"),
+    ("first_decode_ms", "first decode (the first patch to PCM) (ms)"),
+    ("prepared_in_pause", "replies whose start was computed in the user's pause (fraction)"),
 )
+PAUSE_DBFS = -70.0  # the level of the quiet noise fed as the pause
 HOP_COLUMNS = ["local pipe", "ray", "added"]
 BENCH_ENGINE = "mimo-bench-engine"
 # docs/mimo_audio.md §11: the official implementation, 2-core CPU, fp32, greedy, audio forced (medians of 5 runs).
@@ -84,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--patches", type=int, default=20, help="audio patches per reply (default: 20 = 3.2 s)")
     parser.add_argument("--user-secs", type=float, default=1.5, help="user speech per turn (default: 1.5 s)")
     parser.add_argument(
+        "--pause-secs",
+        type=float,
+        help="quiet audio after the speech, before the turn ends (default: vad.stop_secs, the VAD's wait)",
+    )
+    parser.add_argument(
         "--backend",
         choices=("local", "ray"),
         default="local",
@@ -114,13 +123,16 @@ def _session_counts(text: str) -> list[int]:
     return counts
 
 
-def speech_like(seconds: float, seed: int) -> np.ndarray:
-    """int16 at 16 kHz: a few harmonics under a 4 Hz syllable envelope, plus a little noise."""
+def speech_like(seconds: float, seed: int, pause_secs: float = 0.0) -> np.ndarray:
+    """int16 at 16 kHz: a few harmonics under a 4 Hz syllable envelope, plus a little noise; then ``pause_secs``
+    of quiet noise (PAUSE_DBFS)."""
     t = np.arange(int(seconds * INPUT_RATE)) / INPUT_RATE
     rng = np.random.default_rng(seed)
     pitch = 120 + 40 * rng.random()
     wave = sum(np.sin(2 * np.pi * pitch * k * t) / k for k in range(1, 5)) * (0.5 + 0.5 * np.sin(2 * np.pi * 4 * t))
-    return ((0.2 * wave + 0.01 * rng.standard_normal(len(t))) * 8000).astype(np.int16)
+    speech = (0.2 * wave + 0.01 * rng.standard_normal(len(t))) * 8000
+    pause = rng.standard_normal(int(pause_secs * INPUT_RATE)) * 32768 * 10 ** (PAUSE_DBFS / 20)
+    return np.concatenate([speech, pause]).astype(np.int16)
 
 
 class ForcedAudio:
@@ -174,7 +186,8 @@ async def _conversation(engine: Engine, args: argparse.Namespace, run: int, prog
     try:
         turns = []
         for turn in range(args.turns):
-            turns.append(await _turn(session, speech_like(args.user_secs, seed=run * 1000 + turn)))
+            audio = speech_like(args.user_secs, seed=run * 1000 + turn, pause_secs=args.pause_secs)
+            turns.append(await _turn(session, audio))
             progress.advance(note=f"run {run + 1}, turn {turn + 1}")
         return turns
     finally:
@@ -187,7 +200,7 @@ async def _together(engine: Engine, args: argparse.Namespace, count: int, run: i
     try:
         for index, session in enumerate(sessions):
             session.text_hook = ForcedAudio(engine.special, args.patches)
-            audio = speech_like(args.user_secs, seed=run * 1000 + index)
+            audio = speech_like(args.user_secs, seed=run * 1000 + index, pause_secs=args.pause_secs)
             for start in range(0, len(audio), PIECE):
                 await session.feed_audio(audio[start : start + PIECE], INPUT_RATE)
         await asyncio.gather(*(session.caught_up() for session in sessions))
@@ -356,7 +369,7 @@ def _tables(runs: list[list[dict]], preset: str | None, describe: str) -> tuple[
         ("end of turn -> first PCM, turn 1 (s)", "first_pcm_turn1_s", official.get("first_pcm_s")),
         (f"end of turn -> first PCM, turn {turns} (s)", "first_pcm_last_turn_s", None),
         (f"first PCM, turn {turns} / turn 1 (must be <= {MAX_TURN_RATIO})", "last_turn_over_turn1", None),
-        *((f"end of turn, stage: {label} (ms)", stage, None) for stage, label in STAGES),
+        *((f"end of turn, stage: {label}", stage, None) for stage, label in STAGES),
         ("worker -> session, per audio patch (ms)", "delivery_ms", None),
     ]
     table = Table(f"bench engine: {describe}", ["metric", "p50", "p90", "official"])
@@ -371,9 +384,15 @@ def main(config: Config, argv: list[str]) -> int:
         min(args.runs, args.turns, args.patches) < 1
         or args.user_secs <= 0
         or (args.threads is not None and args.threads < 1)
+        or (args.pause_secs is not None and args.pause_secs < 0)
     ):
-        print("mimo-voice bench engine: --runs, --turns, --patches, --threads and --user-secs must be positive")
+        print(
+            "mimo-voice bench engine: --runs, --turns, --patches, --threads and --user-secs must be positive, "
+            "--pause-secs not negative"
+        )
         return 2
+    if args.pause_secs is None:
+        args.pause_secs = config.vad.stop_secs
     if args.preset:
         config.model.preset = args.preset
     if args.device:
@@ -383,7 +402,9 @@ def main(config: Config, argv: list[str]) -> int:
     preset = None if config.model.path else config.model.preset
     describe = (
         f"{preset or config.model.path}, device {config.model.device}, dtype {config.model.dtype}, "
-        f"{config.engine.threads or 'default'} threads, {args.runs} runs x {args.turns} turns x {args.patches} patches"
+        f"{config.engine.threads or 'default'} threads, {args.runs} runs x {args.turns} turns x {args.patches} patches, "
+        f"{args.user_secs:g} s speech + {args.pause_secs:g} s pause (reply prepared after "
+        f"{config.streaming.prepare_reply_after_secs:g} s of it)"
     )
     profile = _profile(config, args) if args.profile_ops else None
     engine = Engine.load(config)
@@ -423,6 +444,6 @@ def _profile(config: Config, args: argparse.Namespace) -> dict:
         script = ForcedAudio(
             SpecialTokens.from_tokenizer(load_text_tokenizer(checkpoint_paths(config)[0])), args.patches
         )
-        return profile_ops(config, speech_like(args.user_secs, seed=0), INPUT_RATE, script)
+        return profile_ops(config, speech_like(args.user_secs, seed=0, pause_secs=args.pause_secs), INPUT_RATE, script)
     finally:
         torch.set_num_threads(threads)

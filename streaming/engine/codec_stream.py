@@ -204,17 +204,21 @@ class IncrementalEncoder:
         return torch.cat(out) if out else self._no_codes()
 
     def finish(self) -> Tensor:
-        """Codes of the rest of the utterance (none if the whole utterance is under 20 ms)."""
+        """Codes of the rest of the utterance (none if the whole utterance is under 20 ms); the encoder is then
+        ready for the next utterance."""
+        codes = self.tail()
+        self._reset()
+        return codes
+
+    def tail(self) -> Tensor:
+        """What :meth:`finish` would return now, leaving the utterance open (more audio may still come)."""
         spf = self.tokenizer.samples_per_frame
         start = max(0, self._final - self.overlap_frames)
         if start and self._samples - start * spf <= self.tokenizer.config.nfft // 2:
             start -= 1  # the mel front end needs more than half a window of audio
         if self._samples - start * spf <= self.tokenizer.config.nfft // 2:
-            codes = self._no_codes()
-        else:
-            codes = self._encode(start, self._samples)[self._final - start :]
-        self._reset()
-        return codes
+            return self._no_codes()
+        return self._encode(start, self._samples)[self._final - start :]
 
     def _audio(self) -> np.ndarray:
         """The buffered audio as one array (pieces are joined once, when a window needs them)."""

@@ -4,7 +4,9 @@ and the response being generated (see :mod:`.worker`; :class:`~.session.Session`
 Latency is won by doing the work while the user talks. Their audio is resampled to 24 kHz, encoded
 by the incremental encoder and every finished 160 ms patch is prefilled into the KV cache at once,
 so ``respond()`` only has the last patch or two, ``<|eosp|><|im_end|>\\n`` and the assistant prefix left
-to feed before the first token. Nothing already in the cache is fed again: earlier turns stay there,
+to feed before the first token; and once the user has paused (``streaming.prepare_reply_after_secs`` of silence,
+well before the VAD ends the turn), those are fed too, so that ``respond()`` only has the first step left. Speech
+after that undoes it (:class:`PreparedReply`). Nothing already in the cache is fed again: earlier turns stay there,
 an assistant turn is closed by appending its closing tokens, text is injected by appending a turn.
 The exceptions, each rebuilding only what follows the point it changes, are barge-in roll-back,
 text injected while the user is talking (it goes before their open turn), and context management
@@ -13,8 +15,10 @@ text injected while the user is talking (it goes before their open turn), and co
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -51,11 +55,25 @@ class UserTurn:
         self.frames = torch.zeros(0, conversation.model.config.audio_channels, dtype=torch.long)
         self.samples = 0  # at 24 kHz
         self.pending: list[Positions] = []  # positions not yet in the context (a response was being generated)
+        self.silent_secs = 0.0  # how long the audio fed last has been silent
 
     def push(self, pcm: np.ndarray, sample_rate: int) -> torch.Tensor:
         """Audio in -> the patches it completed ``[P, group, channels]``."""
         wav = self._resample(pcm, sample_rate)
         return self._patches(self.encoder.push(wav), final=False)
+
+    def flush_resampler(self) -> torch.Tensor:
+        """The resampler's delayed last samples in -> the patches they completed; audio after this point goes
+        through a new resampler (its filter restarts: at a pause, in silence, where that cannot be heard)."""
+        if self.resampler is None:
+            return frames_to_patches(self.frames[:0], self.group_size)
+        tail, self.resampler = self.resampler(np.zeros(0, np.float32), last=True), None
+        self.samples += len(tail)
+        return self._patches(self.encoder.push(tail), final=False)
+
+    def tail_patches(self) -> torch.Tensor:
+        """The patches :meth:`finish` would give now (after :meth:`flush_resampler`), leaving the turn open."""
+        return frames_to_patches(torch.cat([self.frames, self.encoder.tail().cpu().long()]), self.group_size)
 
     def push_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Frames encoded elsewhere -> the patches they completed."""
@@ -82,6 +100,21 @@ class UserTurn:
         whole = len(frames) if final else len(frames) // self.group_size * self.group_size
         self.frames = frames[whole:]
         return frames_to_patches(frames[:whole], self.group_size)
+
+
+@dataclass
+class PreparedReply:
+    """A reply's start made during a pause in the user's speech: the rest of their audio, their closing tokens and
+    the assistant prefix are in the cache, and ``first`` is the output at its last position. The audio that comes
+    while it stands is held back: silence, dropped when the reply starts; speech, which undoes the preparation."""
+
+    mode: str
+    before: int  # the record's length before the prepared positions: where an undo cuts
+    segment: Segment  # the assistant's, holding the prefix
+    prefix_length: int
+    first: StepOutput | None
+    samples: int  # the user's audio it covers, at 24 kHz
+    held: list[tuple[np.ndarray, int]] = field(default_factory=list)  # (pcm, rate) fed since
 
 
 class Conversation:
@@ -128,6 +161,7 @@ class Conversation:
         self.text_hook: Callable[[list[int]], int | None] | None = None  # testing engines only
         self.error: str | None = None
         self.compactions = 0
+        self.prepared: PreparedReply | None = None
         if worker.voice_patches is not None:
             self.context.append(self.builder.voice_prompt(worker.voice_patches), Segment("voice", pinned=True))
 
@@ -189,10 +223,27 @@ class Conversation:
 
     # --- the user's turn ---
 
-    def feed_audio(self, pcm: np.ndarray, sample_rate: int) -> None:
+    def feed_audio(self, pcm: np.ndarray, sample_rate: int, mode: str = "non_thinking") -> None:
+        """``mode``: the session's, which a reply prepared in a pause of the user's speech takes."""
+        silent = _is_silent(pcm, self.config.streaming.silence_dbfs)
+        if self.prepared is not None:
+            if silent:
+                self.prepared.held.append((pcm, sample_rate))
+                return
+            self._unprepare()
+        self._feed_pcm(pcm, sample_rate, silent)
+        user = self.user
+        after = self.config.streaming.prepare_reply_after_secs
+        if user is not None and after > 0 and user.silent_secs > after - 1e-6:  # 10 x 0.02 s may sum to 0.1999...
+            self._prepare(mode)
+
+    def _feed_pcm(self, pcm: np.ndarray, sample_rate: int, silent: bool) -> None:
         self._feed(lambda user: user.push(pcm, sample_rate))
+        if self.user is not None:
+            self.user.silent_secs = self.user.silent_secs + len(pcm) / sample_rate if silent else 0.0
 
     def feed_codes(self, codes: torch.Tensor) -> None:
+        self._unprepare()
         self._feed(lambda user: user.push_codes(codes))
 
     def _feed(self, patches_of: Callable[[UserTurn], torch.Tensor]) -> None:
@@ -231,12 +282,14 @@ class Conversation:
         began = time.perf_counter()
         patches = user.finish()
         stages["last_encode_ms"] = 1000 * (time.perf_counter() - began)
-        end = self.builder.tokens([self.special.eosp]) + self.builder.user_close()
-        user.pending.append(self.builder.audio(patches) + end)
+        user.pending.append(self._user_end(patches))
         self._flush_user(feed=False)
+        self._user_closed(user.samples)
+
+    def _user_closed(self, samples: int) -> None:
         self.user = None
         self.system_prompt = None
-        self._record(Turn("user", "", audio_seconds=user.samples / SAMPLE_RATE))
+        self._record(Turn("user", "", audio_seconds=samples / SAMPLE_RATE))
 
     def _user_in_context(self) -> bool:
         """Whether the open user turn is in the record (it is then its tail) rather than waiting in ``pending``."""
@@ -244,13 +297,53 @@ class Conversation:
         return self.user is not None and bool(entries) and entries[-1].segment is self.user.segment
 
     def discard_user_audio(self) -> None:
+        if self.prepared is not None:  # the held audio goes with the rest
+            self._truncate(self.prepared.before)
+            self.prepared = None
         if self._user_in_context():
             self._truncate(self.context.start_of(self.user.segment))
         self.user = None
 
+    # --- a reply prepared in a pause ---
+
+    def _prepare(self, mode: str) -> None:
+        """Feeds what ``respond(mode)`` would feed, now that the user has paused: the reply then starts without
+        it, if they have finished. Skipped while a response runs or the record nears context management (which
+        would move the positions an undo cuts at)."""
+        streaming = self.config.streaming
+        room = streaming.max_context_positions - streaming.context_headroom_positions - len(self.context)
+        if self.generation is not None or self.error is not None or not self._user_in_context() or room < 256:
+            return
+        user = self.user
+        assert user is not None
+        patches = user.flush_resampler()
+        if len(patches):
+            self.context.append(self.builder.audio(patches), user.segment)
+        before = len(self.context)
+        self.context.append(self._user_end(user.tail_patches()), user.segment)
+        segment = Segment("assistant")
+        prefix = self.builder.assistant_prefix(self.format.output, thinking=mode == "thinking")
+        self.context.append(prefix, segment)
+        self.prepared = PreparedReply(mode, before, segment, len(prefix), self.sync(), user.samples)
+
+    def _unprepare(self) -> None:
+        """Undoes a prepared reply: its positions leave the record and the cache, and the audio held back since is
+        fed as usual."""
+        prepared, self.prepared = self.prepared, None
+        if prepared is None:
+            return
+        self._truncate(prepared.before)
+        for pcm, rate in prepared.held:
+            self._feed_pcm(pcm, rate, silent=True)
+
+    def _user_end(self, patches: torch.Tensor) -> Positions:
+        """The user's last patches and the tokens that close their turn."""
+        return self.builder.audio(patches) + self.builder.tokens([self.special.eosp]) + self.builder.user_close()
+
     # --- text turns ---
 
     def add_text(self, role: str, text: str) -> None:
+        self._unprepare()
         builder = self.builder
         if role == "user":
             positions = builder.user_text_turn(text, self.system_prompt, self.task)
@@ -289,19 +382,27 @@ class Conversation:
             error, self.error = self.error, None
             sink(TurnEnd("error", error=error, time=time.perf_counter()))
             return
-        stages = {"last_encode_ms": 0.0}
-        if self.user is not None:
-            self._close_user_turn(stages)
-        segment = Segment("assistant")
-        prefix = self.builder.assistant_prefix(self.format.output, thinking=mode == "thinking")
-        self.context.append(prefix, segment)
-        began = time.perf_counter()
-        first = self.sync()  # the user's last patches, their closing tokens and the prefix: one forward
-        stages["last_prefill_ms"] = 1000 * (time.perf_counter() - began)
+        if self.prepared is not None and self.prepared.mode != mode:
+            self._unprepare()
+        stages = {"last_encode_ms": 0.0, "last_prefill_ms": 0.0, "prepared_in_pause": float(self.prepared is not None)}
+        if self.prepared is not None:  # the user paused long enough: the reply's start is ready
+            prepared, self.prepared = self.prepared, None
+            self._user_closed(prepared.samples)
+            segment, prefix_length, first = prepared.segment, prepared.prefix_length, prepared.first
+        else:
+            if self.user is not None:
+                self._close_user_turn(stages)
+            segment = Segment("assistant")
+            prefix = self.builder.assistant_prefix(self.format.output, thinking=mode == "thinking")
+            self.context.append(prefix, segment)
+            began = time.perf_counter()
+            first = self.sync()  # the user's last patches, their closing tokens and the prefix: one forward
+            stages["last_prefill_ms"] = 1000 * (time.perf_counter() - began)
+            prefix_length = len(prefix)
         generation = Generation(
             self,
             segment,
-            len(prefix),
+            prefix_length,
             output=self.format.output,
             thinking=mode == "thinking",
             started=started,
@@ -329,6 +430,7 @@ class Conversation:
         self._flush_user()
 
     def cancel(self, played_samples: int | None) -> None:
+        self._unprepare()
         generation = self.generation
         if generation is not None:
             generation.finish("cancelled")
@@ -367,7 +469,7 @@ class Conversation:
         # A response refers back to its conversation: drop it, so that the call's state goes now rather than
         # at a full garbage collection, which a process with a heap this large runs rarely.
         self.generation = self.last_response = None
-        self.user = None
+        self.user = self.prepared = None
         if self.slot is not None:
             self.pool.free(self.slot)
             self.slot = None
@@ -375,3 +477,13 @@ class Conversation:
     def _record(self, turn: Turn) -> None:
         self.history.append(turn)
         self.worker.send_history(self)
+
+
+def _is_silent(pcm: np.ndarray, threshold_dbfs: float) -> bool:
+    """Whether a piece of audio (float in [-1, 1], or int16) stays under ``threshold_dbfs`` (RMS)."""
+    samples = np.asarray(pcm)
+    scale = 32768.0 if np.issubdtype(samples.dtype, np.integer) else 1.0
+    if not samples.size:
+        return True
+    rms = math.sqrt(float(np.mean(np.square(samples, dtype=np.float64)))) / scale
+    return rms <= 10 ** (threshold_dbfs / 20)

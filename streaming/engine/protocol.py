@@ -72,6 +72,7 @@ class Open(Request):
 class FeedAudio(Request):
     pcm: np.ndarray  # float32 mono, validated by the session
     sample_rate: int
+    mode: str = "non_thinking"  # the session's: a reply prepared in a pause of the user's speech takes it
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -97,7 +97,8 @@ class Session:
     async def feed_audio(self, pcm: np.ndarray | bytes, sample_rate: int) -> None:
         """User audio while they talk (int16 bytes/array or float32, mono, 8/16/24/48 kHz); resampled, encoded
         and prefilled in the background: this returns at once."""
-        self._cast(FeedAudio(session_id=self._id, pcm=to_float_pcm(pcm, sample_rate), sample_rate=sample_rate))
+        pcm = to_float_pcm(pcm, sample_rate)
+        self._cast(FeedAudio(session_id=self._id, pcm=pcm, sample_rate=sample_rate, mode=self.mode))
 
     async def feed_codes(self, codes: torch.Tensor | np.ndarray) -> None:
         """User speech already encoded by the MiMo audio tokenizer (``[frames, 8]`` codes at 25 Hz), e.g. by a

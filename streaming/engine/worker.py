@@ -185,8 +185,8 @@ class Worker:
             return None
         conversation = self.conversations[request.session_id]
         match request:
-            case FeedAudio(pcm=pcm, sample_rate=sample_rate):
-                conversation.feed_audio(pcm, sample_rate)
+            case FeedAudio(pcm=pcm, sample_rate=sample_rate, mode=mode):
+                conversation.feed_audio(pcm, sample_rate, mode)
             case FeedCodes(codes=codes):
                 conversation.feed_codes(codes)
             case Respond(mode=mode, started=started, response_id=response_id):
