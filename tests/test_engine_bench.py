@@ -34,7 +34,8 @@ def test_bench_engine_prints_a_table_and_writes_json(tmp_path, capsys):
 
 def test_bench_engine_sessions_threads_and_op_profile(tmp_path, capsys):
     target = tmp_path / "engine.json"
-    argv = ["--runs", "1", "--turns", "1", "--patches", "3", "--user-secs", "0.5", "--pause-secs", "0", "--threads", "1"]
+    argv = ["--runs", "1", "--turns", "1", "--patches", "3", "--user-secs", "0.5", "--pause-secs", "0"]
+    argv += ["--threads", "1"]
     code = bench.main(cpu_config(None), [*argv, "--sessions", "1,2", "--profile-ops", "--json", str(target)])
     assert code == 0
     table = capsys.readouterr().out

@@ -13,8 +13,8 @@ Reported, with p50/p90 over runs (and turns where it applies):
 - end of turn -> the rest of the user's turn encoded and fed (the part not done while they talked), -> first
   audio patch and -> first PCM chunk, at turn 1 and at the last turn. As in the live path, the speech is followed
   by the pause after which the VAD ends the turn (``--pause-secs``, default ``vad.stop_secs``), fed as quiet
-  noise; with ``streaming.prepare_reply_after_secs`` below it, the reply's start is computed in that pause. History is never re-prefilled, so the
-  last turn must stay within 1.2x of the first (the command fails otherwise);
+  noise; with ``streaming.prepare_reply_after_secs`` below it, the reply's start is computed in that pause.
+  History is never re-prefilled, so the last turn must stay within 1.2x of the first (the command fails otherwise);
 - worker -> session: from an audio patch's making in the engine to its arrival in the session's event loop
   (``perf_counter`` is one clock for every process of a machine). ``--backend ray`` runs the same conversations
   on the local pipe and then on an engine actor (``engine.ray_address``; ``local`` starts a private cluster),
@@ -402,7 +402,8 @@ def main(config: Config, argv: list[str]) -> int:
     preset = None if config.model.path else config.model.preset
     describe = (
         f"{preset or config.model.path}, device {config.model.device}, dtype {config.model.dtype}, "
-        f"{config.engine.threads or 'default'} threads, {args.runs} runs x {args.turns} turns x {args.patches} patches, "
+        f"{config.engine.threads or 'default'} threads, "
+        f"{args.runs} runs x {args.turns} turns x {args.patches} patches, "
         f"{args.user_secs:g} s speech + {args.pause_secs:g} s pause (reply prepared after "
         f"{config.streaming.prepare_reply_after_secs:g} s of it)"
     )
