@@ -403,7 +403,7 @@ def test_cuda_graph_patch_decoder_equals_eager():
     assert bool((codes[..., 0] < 1024).all())
 
 
-def test_patch_decoder_folds_its_rope_into_the_projections_only_where_op_bound(tiny, monkeypatch):
+def test_patch_decoder_folds_its_rope_and_merges_its_head_groups_only_where_op_bound(tiny, monkeypatch):
     folded, _ = build(tiny)
     assert all(step.rotated_qkv is not None for step in folded.decoder_steps)  # tiny: a few KB of weights, on the CPU
     monkeypatch.setattr(fast_module, "FP16_MIN_BYTES", 0)  # every stack counts as weight-bound
@@ -417,7 +417,12 @@ def test_patch_decoder_folds_its_rope_into_the_projections_only_where_op_bound(t
     )
     assert torch.equal(got, want)
     layer_steps = len(tiny.local_transformer.layers) * tiny.config.patch_steps
-    assert plain_ops.ops - folded_ops.ops == 4 * layer_steps  # view, roll, mul, addcmul per layer and step
+    # Where a step samples channels of both vocabulary sizes, greedy decoding there runs one padded head group.
+    merged = [step for step in folded.decoder_steps if len(step.groups) > 1]
+    assert len(merged) == 3 and all(len(step.greedy_groups) == 1 for step in merged)
+    assert all(step.greedy_groups == step.groups for step in plain.decoder_steps)
+    # view, roll, mul, addcmul per layer and step; expand, baddbmm, argmax, index, sum, add per merged group
+    assert plain_ops.ops - folded_ops.ops == 4 * layer_steps + 6 * len(merged)
 
 
 def test_one_audio_group_has_few_ops_and_no_host_reads(tiny):
@@ -425,12 +430,14 @@ def test_one_audio_group_has_few_ops_and_no_host_reads(tiny):
     slot = pool.allocate()
     fast.prefill(slot, *[t[0] for t in mixed_positions(tiny, "tt", seed=11)])
     empty, codes = torch.tensor([SPECIAL.empty]), tiny.empty_codes(1)[0]
+    greedy = RowSampling.build(GREEDY, 1, fast.device)  # once per set of rows, as the engine's scheduler does
 
     def group():
         out = fast.step([slot], empty, codes)
-        fast.sample_text(out.text_logits, GREEDY)
-        return fast.decode_patch(out.local_in, GREEDY)
+        fast.sample_text(out.text_logits, greedy)
+        return fast.decode_patch(out.local_in, greedy)
 
+    group()  # the first call builds the decoder's cache and buffers
     _, counts = count_call(group)
     cache = tiny.new_cache()
     tiny(*mixed_positions(tiny, "tt", seed=11), cache)
@@ -442,6 +449,5 @@ def test_one_audio_group_has_few_ops_and_no_host_reads(tiny):
 
     _, eager = count_call(eager_group)
     assert counts.host_reads == 0
-    # 0.37 on this first call (it builds the decoder cache's views), 0.25 after (README); on CUDA the patch
-    # decoder is one graph replay.
-    assert counts.ops < 0.4 * eager.ops
+    # At most a fifth of the eager path's ops (README); on CUDA the patch decoder is one graph replay.
+    assert counts.ops <= 0.2 * eager.ops

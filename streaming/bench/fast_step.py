@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from mimo_voice.streaming.model.configuration_mimo_audio import MiMoAudioConfig
 from mimo_voice.streaming.model.fast import FastMiMoAudio, HeadPrecision
+from mimo_voice.streaming.model.fast_sampling import RowSampling
 from mimo_voice.streaming.model.kv_pool import KVPool
 from mimo_voice.streaming.model.modeling_mimo_audio import MiMoAudioForCausalLM
 from mimo_voice.streaming.model.profiling import OpCounts, count_call
@@ -91,14 +92,15 @@ def _fast_group(model: MiMoAudioForCausalLM, head_precision: HeadPrecision, batc
         fast.prefill(slot, torch.randint(0, 151643, (count,), generator=generator), model.empty_codes(count)[0])
     state = {"codes": model.empty_codes(batch)[0]}
     empty = torch.full((batch,), model.special_tokens.empty)
+    greedy = RowSampling.build(GREEDY, batch, fast.device)  # once per set of rows, as the engine's scheduler does
 
     def group() -> None:
         if pool.length(slots[-1]) >= CONTEXT + 4096:
             for slot in slots:
                 pool.truncate(slot, CONTEXT + slot)
         out = fast.step(slots, empty, state["codes"])
-        fast.sample_text(out.text_logits, GREEDY).tolist()  # the caller's one host read per group
-        state["codes"] = fast.decode_patch(out.local_in, GREEDY)
+        fast.sample_text(out.text_logits, greedy).tolist()  # the caller's one host read per group
+        state["codes"] = fast.decode_patch(out.local_in, greedy)
 
     return group
 

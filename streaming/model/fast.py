@@ -78,9 +78,9 @@ class _Linear:
         self.packed: Any = torch.ops.quantized.linear_prepack_fp16(weight.float(), self.bias) if fp16 else None
 
     def __call__(self, x: Tensor, residual: Tensor | None = None, out: Tensor | None = None) -> Tensor:
-        if out is not None:  # only the addmm form writes in place (the patch decoder's RoPE-folded q|k|v)
-            assert self.t is not None and self.bias is not None and residual is None
-            return torch.addmm(self.bias, x, self.t, out=out)
+        if out is not None:  # only the mm/addmm form writes in place (the op-bound patch decoder's buffers)
+            assert self.t is not None and residual is None
+            return torch.mm(x, self.t, out=out) if self.bias is None else torch.addmm(self.bias, x, self.t, out=out)
         if self.packed is not None:
             y = torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
             return y if residual is None else y.add_(residual)
@@ -169,6 +169,11 @@ class _Stack:
         return full[:, 0], full[:, 1]
 
 
+def _on(tensor: Tensor, device: torch.device) -> Tensor:
+    """``tensor`` on ``device`` (asynchronously), without an op where it is there already."""
+    return tensor if tensor.device == device else tensor.to(device, non_blocking=True)
+
+
 def _weight(module: torch.nn.Module) -> Tensor:
     weight = module.weight
     if not isinstance(weight, Tensor):
@@ -197,12 +202,14 @@ def _layer(
     attend: Attend,
     rotated_out: Tensor | None = None,
     rotated_qkv: tuple[_Linear, Tensor] | None = None,
+    gate_up_out: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> Tensor:
     """One decoder layer on x [B * T, D] (rows of B sequences of T positions). ``cos``/``sin`` broadcast
     to [B, all_heads, 1, hd] when T is 1, else to [B, T, all_heads, hd]. With T = 1, ``rotated_out``
     (a [B, all_heads, 1, hd] view of a cache) receives the rotated q|k|v directly. ``rotated_qkv`` (a q|k|v
     projection with this position's RoPE folded in, and a [B, all_heads * hd] view of the cache) replaces the
-    projection and the rotation: ``attend`` then reads the cache."""
+    projection and the rotation: ``attend`` then reads the cache. ``gate_up_out`` (a [B, 2 * ffn] buffer and its gate
+    and up halves) receives the gate|up projection, which then needs no split."""
     h = _norm(x, layer.input_norm, stack.eps)
     if x.dtype != h.dtype:  # the patch encoder's bfloat16 input: the residual continues in the model dtype
         x = x.to(h.dtype)
@@ -222,7 +229,12 @@ def _layer(
     attn = attend(rotated if single else rotated.transpose(1, 2))
     attn = attn.reshape(batch, -1) if single else attn.transpose(1, 2).reshape(x.shape[0], -1)
     x = layer.o(attn, residual=x)
-    gate, up = layer.gate_up(_norm(x, layer.post_norm, stack.eps)).chunk(2, dim=-1)
+    h = _norm(x, layer.post_norm, stack.eps)
+    if gate_up_out is None:
+        gate, up = layer.gate_up(h).chunk(2, dim=-1)
+    else:
+        buffer, gate, up = gate_up_out
+        layer.gate_up(h, out=buffer)
     return layer.down(F.silu(gate) * up, residual=x)
 
 
@@ -244,6 +256,7 @@ class _DecoderStep:
     cos: Tensor  # [1, all_heads, 1, hd]
     sin: Tensor
     groups: list[_HeadGroup]
+    greedy_groups: list[_HeadGroup]  # the same, or one group padded to the widest vocabulary (op-bound stacks)
     rotated_qkv: list[_Linear] | None  # per layer, q|k|v with this step's RoPE folded in (op-bound stacks only)
 
 
@@ -272,6 +285,27 @@ class _DecoderCache:
     def attend(self, layer: int, step: int) -> Attend:
         q, keys, values = self.views[layer][step]
         return lambda _rotated: F.scaled_dot_product_attention(q, keys, values)
+
+
+def _merged(groups: list[_HeadGroup]) -> _HeadGroup:
+    """Head groups of different vocabulary sizes as one, each padded to the widest: padding columns have zero
+    weights, a -inf greedy bias and zero embeddings. For greedy decoding of a small (op-bound) patch decoder, where
+    one batched head is cheaper than a few more ops."""
+    width = max(group.heads_t.shape[2] for group in groups)
+
+    def pad(tensor: Tensor, dim: int, value: float | bool) -> Tensor:
+        shape = list(tensor.shape)
+        shape[dim] = width - shape[dim]
+        return torch.cat([tensor, tensor.new_full(shape, value)], dim=dim)
+
+    heads = torch.cat([pad(group.heads_t, 2, 0.0) for group in groups])
+    return _HeadGroup(
+        heads_t=heads,
+        greedy_bias=torch.cat([pad(group.greedy_bias, 2, float("-inf")) for group in groups]),
+        empty_ban=torch.cat([pad(group.empty_ban, 2, True) for group in groups]),
+        tables=torch.cat([pad(group.tables, 1, 0.0) for group in groups]),
+        rows=torch.arange(heads.shape[0], device=heads.device)[:, None],
+    )
 
 
 # --- lm_head ---
@@ -411,10 +445,16 @@ class FastMiMoAudio:
             ]
             cos, sin = (t[step][None, :, None] for t in decoder_rope)
             rotated = self._rotated_qkv(step) if fold_decoder_rope else None
-            self.decoder_steps.append(_DecoderStep(cos=cos, sin=sin, groups=groups, rotated_qkv=rotated))
+            greedy = [_merged(groups)] if fold_decoder_rope and len(groups) > 1 else groups
+            self.decoder_steps.append(
+                _DecoderStep(cos=cos, sin=sin, groups=groups, greedy_groups=greedy, rotated_qkv=rotated)
+            )
         self.frame_major = torch.tensor(model._schedule.frame_major, device=self.device)
         self.speech_sizes_cpu = torch.tensor(sizes)
         self._decoder_caches: dict[int, _DecoderCache] = {}
+        self._row_indices: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}
+        self._gate_up_buffers: dict[tuple[int, int], tuple[Tensor, Tensor, Tensor]] = {}
+        self._arange = torch.arange(self.pool.capacity, device=self.device)
 
     def _fp16(self, stack: Qwen2Model) -> bool:
         """Whether a stack's projections go to fbgemm's fp16 GEMM: always with weights 'fp16'; with 'auto' when
@@ -490,13 +530,13 @@ class FastMiMoAudio:
         """Text ids (as ints) and codes [N, group, channels] -> [N, hidden] backbone inputs."""
         audio = [i for i, token in enumerate(ids) if token == self.empty_id]
         if len(audio) == len(ids):
-            return self.embed_patches(codes.to(self.device, non_blocking=True)).to(self.dtype)
+            return self.embed_patches(_on(codes, self.device))  # in the model dtype
         text = torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)
         embeds = F.embedding(text, self.embed_tokens)
         if not audio:
             return embeds
         index = torch.tensor(audio, dtype=torch.long).to(self.device, non_blocking=True)
-        patches = self.embed_patches(codes.to(self.device, non_blocking=True).index_select(0, index))
+        patches = self.embed_patches(_on(codes, self.device).index_select(0, index))
         return embeds.index_copy(0, index, patches.to(embeds.dtype))
 
     def embed_patches(self, codes: Tensor) -> Tensor:
@@ -516,8 +556,10 @@ class FastMiMoAudio:
             return F.scaled_dot_product_attention(q, keys, values, is_causal=causal)
 
         x = frames.view(n * group, -1)
+        # a step's few patches reuse buffers; a prefill's many (of any count) do not keep one
+        gate_up = self._gate_up_out(stack, n * group) if n <= self.pool.slots else None
         for layer in stack.layers:
-            x = _layer(stack, layer, x, n, self.encoder_rope[0], self.encoder_rope[1], attend)
+            x = _layer(stack, layer, x, n, self.encoder_rope[0], self.encoder_rope[1], attend, gate_up_out=gate_up)
         x = _norm(x, stack.norm, stack.eps)
         return F.linear(x.view(n, -1), self.group_downcast)
 
@@ -572,11 +614,11 @@ class FastMiMoAudio:
         lengths = self.pool.lengths(slots)
         if max(lengths) >= self.pool.capacity:
             raise ValueError(f"a slot is full ({self.pool.capacity} positions)")
-        positions = torch.tensor(lengths, dtype=torch.long).to(self.device, non_blocking=True)
-        rows = torch.tensor(slots, dtype=torch.long).to(self.device, non_blocking=True)
+        rows, ones = self._row_index(slots)
+        positions = self.pool.lengths_device.index_select(0, rows)
         cos, sin = self.backbone_rope.index_select(0, positions).unbind(1)  # [B, all_heads, 1, hd]
         span = max(lengths) + 1
-        mask = (torch.arange(span, device=self.device) <= positions[:, None])[:, None, None]
+        mask = torch.le(self._arange[:span], positions.view(batch, 1, 1, 1))  # [B, 1, 1, span]
         first = min(slots)
         packed = slots == list(range(first, first + batch))  # the rows' caches are one view of the pool
         kv_heads = self.backbone.kv_heads
@@ -596,12 +638,21 @@ class FastMiMoAudio:
             return run
 
         x = self._embed(ids, codes)
+        gate_up = self._gate_up_out(self.backbone, batch)
         for index, layer in enumerate(self.backbone.layers):
-            x = _layer(self.backbone, layer, x, batch, cos, sin, attend(index))
+            x = _layer(self.backbone, layer, x, batch, cos, sin, attend(index), gate_up_out=gate_up)
         for slot in slots:
             self.pool._lengths[slot] += 1
-        self.pool.lengths_device.index_add_(0, rows, torch.ones_like(rows))
+        self.pool.lengths_device.index_add_(0, rows, ones)
         return self._outputs(x)
+
+    def _row_index(self, slots: list[int]) -> tuple[Tensor, Tensor]:
+        """The slots as a device tensor, and ones of its length: made once per set of slots."""
+        key = tuple(slots)
+        if key not in self._row_indices:
+            rows = torch.tensor(slots, dtype=torch.long, device=self.device)
+            self._row_indices[key] = (rows, torch.ones_like(rows))
+        return self._row_indices[key]
 
     def _outputs(self, last: Tensor) -> StepOutput:
         """The final norm, lm_head and downcast at each row's last position only."""
@@ -645,17 +696,19 @@ class FastMiMoAudio:
         config, stack = self.config, self.decoder
         batch = local_in.shape[0]
         cache = self._decoder_cache(batch)
+        gate_up = self._gate_up_out(stack, batch)
         greedy = sampling.mode == "greedy"
         x, sampled = local_in, []
         noises = iter(()) if greedy else iter(self._race_noises(batch, generator))
         for step, plan in enumerate(self.decoder_steps):
+            groups = plan.greedy_groups if greedy else plan.groups
             for index, layer in enumerate(stack.layers):
                 attend, slot = cache.attend(index, step), cache.slots[index][step]
                 folded = None if plan.rotated_qkv is None else (plan.rotated_qkv[index], cache.flat_slots[index][step])
-                x = _layer(stack, layer, x, batch, plan.cos, plan.sin, attend, slot, folded)
+                x = _layer(stack, layer, x, batch, plan.cos, plan.sin, attend, slot, folded, gate_up)
             h = _norm(x, stack.norm, stack.eps)
             last = step + 1 == len(self.decoder_steps)
-            for index, group in enumerate(plan.groups):
+            for index, group in enumerate(groups):
                 inputs = h.expand(group.heads_t.shape[0], *h.shape)
                 if greedy:
                     tokens = torch.baddbmm(group.greedy_bias, inputs, group.heads_t).argmax(-1)
@@ -697,6 +750,20 @@ class FastMiMoAudio:
                 stack.kv_heads,
             )
         return self._decoder_caches[batch]
+
+    def _gate_up_out(self, stack: _Stack, rows: int) -> tuple[Tensor, Tensor, Tensor] | None:
+        """A [rows, 2 * ffn] buffer for a stack's gate|up projections and its gate and up halves, kept per (stack,
+        rows) (each layer's output is consumed before the next layer writes); None for fbgemm's fp16 form, which
+        has no ``out``."""
+        gate_up = stack.layers[0].gate_up
+        if gate_up.t is None:
+            return None
+        key = (id(stack), rows)
+        if key not in self._gate_up_buffers:
+            buffer = gate_up.t.new_zeros(rows, gate_up.t.shape[1])
+            ffn = buffer.shape[1] // 2
+            self._gate_up_buffers[key] = (buffer, buffer[:, :ffn], buffer[:, ffn:])
+        return self._gate_up_buffers[key]
 
     # --- CUDA graphs ---
 
