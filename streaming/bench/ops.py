@@ -102,7 +102,7 @@ def profile_ops(
     config: Config, user_audio: np.ndarray, rate: int, script: Callable[[list[int]], int | None]
 ) -> dict[str, Any]:
     """One reply after ``user_audio``, forced by the text hook ``script``: ops and host reads per audio group,
-    by part."""
+    by part. A first reply, not counted, makes what a worker makes once (the patch decoder's cache and buffers)."""
     from mimo_voice.streaming.engine.conversation import Conversation
     from mimo_voice.streaming.engine.worker import Worker
 
@@ -113,18 +113,19 @@ def profile_ops(
     counter = OpCounter()
     counter.wrap(worker.fast, "decode_patch", "patch decoder")
     counter.wrap(worker.fast, "embed_patches", "patch encoder")
-    counter.wrap(worker.codec.quantizer, "decode", "decode")
-    counter.wrap(worker.codec, "decode_hidden", "decode")
+    counter.wrap(worker.scheduler, "_decode_audio", "decode")  # the codec and the PCM's way out
     # no_grad rather than the worker's inference_mode: under inference_mode, bool(tensor) and .item() dispatch
     # is_nonzero/item instead of decomposing to _local_scalar_dense, which would hide the host reads.
     with torch.no_grad():
-        conversation.feed_audio(user_audio, rate)
-        conversation.respond("non_thinking", time.perf_counter(), 1)
-        generation = conversation.generation
-        assert generation is not None, "respond() did not start a response"
-        with counter:
-            while worker.active:
-                worker._step_all()
+        for counted in (False, True):
+            conversation.feed_audio(user_audio, rate)
+            conversation.respond("non_thinking", time.perf_counter(), 1)
+            generation = conversation.generation
+            assert generation is not None, "respond() did not start a response"
+            with counter if counted else contextlib.nullcontext():
+                while worker.active:
+                    worker._step_all()
+    assert generation is not None
     groups = generation.released_patches
     conversation.close()
     per_group = {part: counter.ops[part] / groups for part in PARTS}

@@ -67,7 +67,7 @@ class StepScheduler:
         for generation, token in fed:
             _guarded(generation, partial(generation.record, token, codes_cpu.get(generation)))
         batch = [(g, t) for g, t in fed if not g.done and self._one_behind(g)]
-        self._backbone_step(batch, dict(zip(audio, codes)) if audio else {})
+        self._backbone_step(batch, audio, codes)
         shared = time.perf_counter() - began
         decoding = self._decode_audio([g for g, _ in fed if not g.done and g.decoder is not None])
         for generation, token in fed:
@@ -145,17 +145,23 @@ class StepScheduler:
         compiled steps, whose CUDA graphs replay only with the default generator."""
         return rows[0].conv.generator if len(rows) == 1 and not self.fast.compile else None
 
-    def _backbone_step(self, batch: list[tuple[Generation, int]], patch_codes: dict) -> None:
+    def _backbone_step(self, batch: list[tuple[Generation, int]], audio: list[Generation], codes: torch.Tensor) -> None:
+        """One backbone step of the rows in ``batch``; ``codes`` are the patch decoder's for the ``audio`` rows."""
         if not batch:
             return
         slots_of = {g: _slot(g) for g, _ in batch}
         batch = sorted(batch, key=lambda row: slots_of[row[0]])  # ascending slots: the pool is read as a view
         slots = [slots_of[g] for g, _ in batch]
         text_ids = [t for _, t in batch]  # ints: the step decides text vs audio from them without a read
-        codes = torch.stack([patch_codes.get(g, self.empty_codes) for g, _ in batch])
-        out = self.fast.step(slots, text_ids, codes)
-        for index, (generation, _) in enumerate(batch):
-            row = StepOutput(out.text_logits[index : index + 1], out.local_in[index : index + 1])
+        rows = [g for g, _ in batch]
+        if rows == audio:  # every row is audio, in the decoder's order: its codes as they are
+            step_codes = codes
+        else:
+            codes_of = dict(zip(audio, codes))
+            step_codes = torch.stack([codes_of.get(g, self.empty_codes) for g in rows])
+        out = self.fast.step(slots, text_ids, step_codes)
+        outputs = [out] if len(rows) == 1 else map(StepOutput, out.text_logits.split(1), out.local_in.split(1))
+        for generation, row in zip(rows, outputs):
             generation.last = generation.conv.last_output = row
 
     @staticmethod

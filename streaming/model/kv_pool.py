@@ -32,6 +32,7 @@ class KVPool:
         shape = (config.num_hidden_layers, slots, 2 * kv_heads, capacity, config.head_dim)
         self.kv = torch.zeros(shape, device=self.device, dtype=dtype)
         self.keys, self.values = self.kv[:, :, :kv_heads], self.kv[:, :, kv_heads:]
+        self._layers = list(self.kv.unbind(0))  # made once: a step reads them without a select op
         self.lengths_device = torch.zeros(slots, dtype=torch.long, device=self.device)
         self._lengths = [0] * slots
         self._free = set(range(slots))
@@ -82,4 +83,4 @@ class KVPool:
 
     def layer(self, index: int) -> Tensor:
         """Layer ``index``'s K and V: [slots, 2 * kv_heads, capacity, head_dim]."""
-        return self.kv[index]
+        return self._layers[index]
