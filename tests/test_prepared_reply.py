@@ -151,3 +151,21 @@ async def test_a_session_gets_its_reply_prepared_through_the_worker_process(tiny
         await session.caught_up()
         end = of(await collect(session.respond()), TurnEnd)[0]
     assert end.reason == "stop" and end.timings["prepared_in_pause"] == 1
+
+
+def test_a_long_silence_after_the_preparation_is_held_up_to_a_bound(monkeypatch):
+    from mimo_voice.streaming.engine import conversation as conversation_module
+
+    monkeypatch.setattr(conversation_module, "HELD_MAX_SECS", 0.5)
+    rate = 24_000
+    worker = greedy_worker()
+    conversation = _open(worker)
+    _feed(conversation, np.concatenate([voice(0.6, rate=rate), _pause(2.0, rate)]), rate)
+    prepared = conversation.prepared
+    assert prepared is not None and prepared.held_secs == pytest.approx(0.5)
+    assert sum(len(pcm) for pcm, _ in prepared.held) == int(0.5 * rate)
+    _feed(conversation, voice(0.3, rate=rate, seed=9), rate)  # speech: undone, the kept silence fed
+    assert conversation.prepared is None
+    got, _ = _reply(worker, conversation)
+    assert got.reason == "stop"
+    assert conversation.history[-2].audio_seconds == pytest.approx(0.6 + 0.2 + 0.5 + 0.3)

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from .worker import Worker
 
 PREFILL_CHUNK = 512  # positions per forward when (re)building the cache: bounds activation memory
+HELD_MAX_SECS = 10.0  # silence kept while a prepared reply stands (see PreparedReply.hold)
 
 
 class UserTurn:
@@ -115,6 +116,14 @@ class PreparedReply:
     first: StepOutput | None
     samples: int  # the user's audio it covers, at 24 kHz
     held: list[tuple[np.ndarray, int]] = field(default_factory=list)  # (pcm, rate) fed since
+    held_secs: float = 0.0
+
+    def hold(self, pcm: np.ndarray, sample_rate: int) -> None:
+        """Keeps a piece of silence, up to HELD_MAX_SECS (a turn left open in silence must not grow without bound;
+        past that, silence is dropped: an undo then feeds a shorter pause)."""
+        if self.held_secs < HELD_MAX_SECS - 1e-6:  # 0.02 s pieces: sums are inexact
+            self.held.append((pcm, sample_rate))
+            self.held_secs += len(pcm) / sample_rate
 
 
 class Conversation:
@@ -228,7 +237,7 @@ class Conversation:
         silent = _is_silent(pcm, self.config.streaming.silence_dbfs)
         if self.prepared is not None:
             if silent:
-                self.prepared.held.append((pcm, sample_rate))
+                self.prepared.hold(pcm, sample_rate)
                 return
             self._unprepare()
         self._feed_pcm(pcm, sample_rate, silent)
