@@ -78,6 +78,8 @@ def test_bench_engine_rejects_bad_arguments(capsys):
     assert bench.main(cpu_config(None), ["--runs", "0"]) == 2
     assert bench.main(cpu_config(None), ["--threads", "0"]) == 2
     assert "must be positive" in capsys.readouterr().out
+    assert bench.main(cpu_config(None), ["--pause-secs", "-0.1"]) == 2
+    assert "--pause-secs not negative" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_:
         bench.main(cpu_config(None), ["--sessions", "1,x"])
     assert exit_.value.code == 2 and "session counts" in capsys.readouterr().err
