@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from mimo_voice.streaming.engine.conversation import Conversation, _is_silent
+from mimo_voice.streaming.engine.conversation import Conversation, UserTurn, _is_silent
 from mimo_voice.streaming.engine.events import TurnEnd
 from session_support import collect, of, opened, voice
 from worker_support import EndAfter, greedy_worker, reply, run
@@ -169,3 +169,29 @@ def test_a_long_silence_after_the_preparation_is_held_up_to_a_bound(monkeypatch)
     got, _ = _reply(worker, conversation)
     assert got.reason == "stop"
     assert conversation.history[-2].audio_seconds == pytest.approx(0.6 + 0.2 + 0.5 + 0.3)
+
+
+def test_a_failed_preparation_leaves_the_turn_to_end_as_usual(monkeypatch):
+    rate = 24_000
+    audio = np.concatenate([voice(0.8, rate=rate, seed=8), _pause(0.4, rate)])
+    worker, plain = greedy_worker(), greedy_worker(OFF)
+    conversation, reference = _open(worker), _open(plain)
+    tail_patches = UserTurn.tail_patches
+
+    def failing(self):
+        raise RuntimeError("encoder exploded")
+
+    monkeypatch.setattr(UserTurn, "tail_patches", failing)
+    calls = []
+    monkeypatch.setattr(
+        Conversation, "_prepare", lambda self, mode, run=Conversation._prepare: calls.append(run(self, mode))
+    )
+    _feed(conversation, audio, rate)
+    assert conversation.prepared is None and conversation.cached == len(conversation.context)
+    assert {entry.segment.kind for entry in conversation.context.entries} == {"user"}
+    assert len(calls) == 1  # not tried again at every piece of the pause
+    monkeypatch.setattr(UserTurn, "tail_patches", tail_patches)
+    _feed(reference, audio, rate)
+    got, timings = _reply(worker, conversation)
+    expected, _ = _reply(plain, reference)
+    assert timings["prepared_in_pause"] == 0 and got.reason == "stop" and got.tokens == expected.tokens

@@ -57,6 +57,7 @@ class UserTurn:
         self.samples = 0  # at 24 kHz
         self.pending: list[Positions] = []  # positions not yet in the context (a response was being generated)
         self.silent_secs = 0.0  # how long the audio fed last has been silent
+        self.preparable = True  # False once preparing its reply failed: not tried again at every piece of silence
 
     def push(self, pcm: np.ndarray, sample_rate: int) -> torch.Tensor:
         """Audio in -> the patches it completed ``[P, group, channels]``."""
@@ -243,7 +244,8 @@ class Conversation:
         self._feed_pcm(pcm, sample_rate, silent)
         user = self.user
         after = self.config.streaming.prepare_reply_after_secs
-        if user is not None and after > 0 and user.silent_secs > after - 1e-6:  # 10 x 0.02 s may sum to 0.1999...
+        # (silent_secs sums 0.02 s pieces: ten of them may give 0.1999...)
+        if user is not None and user.preparable and after > 0 and user.silent_secs > after - 1e-6:
             self._prepare(mode)
 
     def _feed_pcm(self, pcm: np.ndarray, sample_rate: int, silent: bool) -> None:
@@ -325,15 +327,23 @@ class Conversation:
             return
         user = self.user
         assert user is not None
-        patches = user.flush_resampler()
-        if len(patches):
-            self.context.append(self.builder.audio(patches), user.segment)
-        before = len(self.context)
-        self.context.append(self._user_end(user.tail_patches()), user.segment)
-        segment = Segment("assistant")
-        prefix = self.builder.assistant_prefix(self.format.output, thinking=mode == "thinking")
-        self.context.append(prefix, segment)
-        self.prepared = PreparedReply(mode, before, segment, len(prefix), self.sync(), user.samples)
+        start = len(self.context)
+        try:
+            patches = user.flush_resampler()
+            if len(patches):
+                self.context.append(self.builder.audio(patches), user.segment)
+            before = len(self.context)
+            self.context.append(self._user_end(user.tail_patches()), user.segment)
+            segment = Segment("assistant")
+            prefix = self.builder.assistant_prefix(self.format.output, thinking=mode == "thinking")
+            self.context.append(prefix, segment)
+            first = self.sync()
+        except Exception:  # the turn goes on unprepared: respond() then feeds its end as usual
+            logger.exception("preparing the reply in the user's pause failed")
+            self._truncate(start)
+            user.preparable = False
+            return
+        self.prepared = PreparedReply(mode, before, segment, len(prefix), first, user.samples)
 
     def _unprepare(self) -> None:
         """Undoes a prepared reply: its positions leave the record and the cache, and the audio held back since is
