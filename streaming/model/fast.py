@@ -49,6 +49,7 @@ GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 # A stack whose layers hold less stays in the CPU's caches (op-bound): there fp16 weights do not pay, and the
 # patch decoder's RoPE is folded into its weights; at least this much, weights='auto' reads them in fp16.
 FP16_MIN_BYTES = 4 << 20
+ROW_INDEX_SETS = 256  # sets of step rows whose index tensors are kept
 
 
 @dataclass
@@ -647,9 +648,12 @@ class FastMiMoAudio:
         return self._outputs(x)
 
     def _row_index(self, slots: list[int]) -> tuple[Tensor, Tensor]:
-        """The slots as a device tensor, and ones of its length: made once per set of slots."""
+        """The slots as a device tensor, and ones of its length: made once per set of slots (a few hundred sets
+        kept: sessions come and go, and the sets of a long-running engine's rows are many)."""
         key = tuple(slots)
         if key not in self._row_indices:
+            if len(self._row_indices) >= ROW_INDEX_SETS:
+                self._row_indices.clear()
             rows = torch.tensor(slots, dtype=torch.long, device=self.device)
             self._row_indices[key] = (rows, torch.ones_like(rows))
         return self._row_indices[key]
