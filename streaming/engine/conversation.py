@@ -15,7 +15,6 @@ text injected while the user is talking (it goes before their open turn), and co
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from loguru import logger
-from mimo_voice.streaming.model.audio import Resampler
+from mimo_voice.streaming.model.audio import Resampler, rms_dbfs
 from mimo_voice.streaming.model.fast import StepOutput
 from mimo_voice.streaming.model.prompts import Positions, frames_to_patches, task_format
 from mimo_voice.streaming.model.sampling import Sampler, SamplingParams
@@ -500,9 +499,4 @@ class Conversation:
 
 def _is_silent(pcm: np.ndarray, threshold_dbfs: float) -> bool:
     """Whether a piece of audio (float in [-1, 1], or int16) stays under ``threshold_dbfs`` (RMS)."""
-    samples = np.asarray(pcm)
-    scale = 32768.0 if np.issubdtype(samples.dtype, np.integer) else 1.0
-    if not samples.size:
-        return True
-    rms = math.sqrt(float(np.mean(np.square(samples, dtype=np.float64)))) / scale
-    return rms <= 10 ** (threshold_dbfs / 20)
+    return not len(pcm) or bool(rms_dbfs(pcm) <= threshold_dbfs)

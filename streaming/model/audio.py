@@ -41,6 +41,15 @@ def pcm16_to_float(pcm: np.ndarray | bytes) -> np.ndarray:
     return pcm.astype(np.float32) / 32768.0
 
 
+def rms_dbfs(samples: np.ndarray) -> np.ndarray:
+    """RMS level over the last axis in dBFS (int16 full scale, or floats in [-1, 1]); digital silence is -inf."""
+    samples = np.asarray(samples)
+    scale = 32768.0 if samples.dtype == np.int16 else 1.0
+    scaled = samples.astype(np.float64) / scale
+    with np.errstate(divide="ignore"):
+        return 10.0 * np.log10(np.mean(scaled * scaled, axis=-1))
+
+
 def float_to_pcm16(x: np.ndarray) -> np.ndarray:
     """Float audio -> int16, clipped; the exact inverse of :func:`pcm16_to_float` on its outputs."""
     x = np.asarray(x, dtype=np.float32)

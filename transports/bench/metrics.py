@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+from mimo_voice.streaming.model.audio import rms_dbfs
 
 EventKind = Literal["turn", "pause", "backchannel", "noise", "barge_in"]
 TURN_ENDING: tuple[EventKind, ...] = ("turn", "pause", "barge_in")  # the events that ask for a reply
@@ -38,7 +39,6 @@ SERVER_TURN_END = "user-stopped-speaking"  # RTVI: the server's VAD ended the us
 SERVER_AUDIO_START = "bot-started-speaking"  # RTVI: the server started sending the agent's audio
 TURN_STAGES = ("end of speech -> server ends the turn", "-> server sends audio", "-> caller hears it")
 MAX_STAGE_SKEW_SECS = 1.0  # the data channel and the audio may arrive in either order, but not this far apart
-INT16_FULL_SCALE = 32768.0
 
 
 @dataclass(frozen=True)
@@ -125,13 +125,9 @@ class CallAnalysis:
 def frame_levels(pcm: np.ndarray, sample_rate: int, frame_secs: float = 0.02) -> np.ndarray:
     """RMS level of each whole frame in dBFS (int16 full scale, or floats in [-1, 1]); digital silence is -inf."""
     samples = np.asarray(pcm)
-    scale = INT16_FULL_SCALE if samples.dtype == np.int16 else 1.0
     frame = round(frame_secs * sample_rate)
     count = len(samples) // frame
-    frames = samples[: count * frame].astype(np.float64).reshape(count, frame) / scale
-    power = np.mean(frames * frames, axis=1)
-    with np.errstate(divide="ignore"):
-        return 10.0 * np.log10(power)
+    return rms_dbfs(samples[: count * frame].reshape(count, frame))
 
 
 def runs(mask: np.ndarray, frame_secs: float) -> list[Segment]:
