@@ -234,7 +234,8 @@ class Conversation:
 
     def feed_audio(self, pcm: np.ndarray, sample_rate: int, mode: str = "non_thinking") -> None:
         """``mode``: the session's, which a reply prepared in a pause of the user's speech takes."""
-        silent = _is_silent(pcm, self.config.streaming.silence_dbfs)
+        after = self.config.streaming.prepare_reply_after_secs
+        silent = after > 0 and _is_silent(pcm, self.config.streaming.silence_dbfs)  # measured only when it is used
         if self.prepared is not None:
             if silent:
                 self.prepared.hold(pcm, sample_rate)
@@ -242,7 +243,6 @@ class Conversation:
             self._unprepare()
         self._feed_pcm(pcm, sample_rate, silent)
         user = self.user
-        after = self.config.streaming.prepare_reply_after_secs
         # (silent_secs sums 0.02 s pieces: ten of them may give 0.1999...)
         if user is not None and user.preparable and after > 0 and user.silent_secs > after - 1e-6:
             self._prepare(mode)
