@@ -51,6 +51,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(no_cuda)
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Fails the run where ``--dist loadgroup`` ignores ``xdist_group`` marks (as pytest-xdist 3.8 does under pytest
+    9.2): tests that must not share the CPU or a Ray cluster would silently run side by side."""
+    if not getattr(session.config.option, "loadgroup", False):
+        return
+    ungrouped = [
+        item.nodeid for item in session.items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid
+    ]
+    if ungrouped:
+        raise pytest.UsageError(f"--dist loadgroup ignored the xdist_group mark of {ungrouped[0]} (check pytest-xdist)")
+
+
 @pytest.fixture(scope="session")
 def tiny_llm_dir(tmp_path_factory):
     """A random (seed 0) `tiny` MiMo-Audio LLM checkpoint in the official layout: config.json,

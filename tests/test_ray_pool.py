@@ -12,7 +12,9 @@ import time
 import pytest
 
 ray = pytest.importorskip("ray")
-pytestmark = pytest.mark.slow  # a private Ray cluster and two engines: about two minutes on two busy cores
+# A private Ray cluster and two engines: about two minutes on two busy cores. The "ray" group keeps this module on
+# the xdist worker that runs test_ray_config first, whose "no cluster" test would otherwise find this cluster.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 from mimo_voice.configs import load_config  # noqa: E402
 from mimo_voice.streaming.bench.engine import ForcedAudio  # noqa: E402
