@@ -37,6 +37,8 @@ from .generation import decode_audio_together
 if TYPE_CHECKING:
     from .generation import Generation
 
+BAN_MASK_SETS = 256  # combinations of the rows' bans kept (rows come and go; a long-running engine sees many)
+
 
 class StepScheduler:
     def __init__(self, fast: FastMiMoAudio, vocab_size: int, empty_codes: torch.Tensor, empty_token: int) -> None:
@@ -44,7 +46,7 @@ class StepScheduler:
         self.vocab_size = vocab_size
         self.empty_codes = empty_codes  # [group, channels] on the device: the codes of a text position
         self.empty_token = empty_token
-        self._ban_masks: dict[tuple[int, ...], torch.Tensor] = {}
+        self._ban_masks: dict[tuple[tuple[int, ...], ...], torch.Tensor] = {}
         self._row_samplings: dict[tuple, RowSampling] = {}
 
     def step(self, generations: Iterable[Generation]) -> None:
@@ -101,13 +103,13 @@ class StepScheduler:
         draws, order = [], []
         for indices in sampled.values():
             group = [rows[i] for i in indices]
-            logits = torch.cat([g.last.text_logits for g in group])
-            banned = torch.stack([self._ban_mask(g.banned()) for g in group])
+            logits = _joined([g.last.text_logits for g in group])
+            banned = self._ban_rows(tuple(g.banned() for g in group))
             params = self._rows(group[0].conv.text_sampler.params, len(group))
             draws.append(self.fast.sample_text(logits, params, banned, self._generator(group)))
             order.extend(indices)
         if draws:
-            for index, token in zip(order, torch.cat(draws).tolist()):
+            for index, token in zip(order, _joined(draws).tolist()):
                 tokens[index] = token
         return tokens
 
@@ -127,7 +129,7 @@ class StepScheduler:
         return codes
 
     def _decode_group(self, rows: list[Generation]) -> torch.Tensor:
-        local_in = torch.cat([g.last.local_in for g in rows])
+        local_in = _joined([g.last.local_in for g in rows])
         params = self._rows(rows[0].conv.audio_sampler.params, len(rows))
         return self.fast.decode_patch(local_in, params, self._generator(rows))
 
@@ -170,11 +172,16 @@ class StepScheduler:
         rebuilds its cache in chunks over the next step phases."""
         return bool(_guarded(generation, generation.conv.ready_to_step)) and not generation.done
 
-    def _ban_mask(self, banned: tuple[int, ...]) -> torch.Tensor:
+    def _ban_rows(self, banned: tuple[tuple[int, ...], ...]) -> torch.Tensor:
+        """The rows' banned text ids as one bool mask [rows, vocab], made once per combination (a few: the bans
+        depend on the mode and the reply's phase), so that a step stacks nothing."""
         mask = self._ban_masks.get(banned)
         if mask is None:
-            mask = torch.zeros(self.vocab_size, dtype=torch.bool)
-            mask[list(banned)] = True
+            if len(self._ban_masks) >= BAN_MASK_SETS:
+                self._ban_masks.clear()
+            mask = torch.zeros(len(banned), self.vocab_size, dtype=torch.bool)
+            for row, ids in enumerate(banned):
+                mask[row, list(ids)] = True
             mask = self._ban_masks[banned] = mask.to(self.empty_codes.device)
         return mask
 
@@ -193,6 +200,11 @@ class StepScheduler:
                 _guarded(generation, generation.decode_audio)
                 seconds[generation] = time.perf_counter() - began
         return seconds
+
+
+def _joined(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The rows' tensors as one batch; a lone row's as it is (``cat`` of one tensor is still an op: a copy)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 def _key(params: SamplingParams) -> tuple:
