@@ -126,6 +126,11 @@ class EngineSection(Section):
         "fbgemm's fp16 GEMM (half the bytes, float32 arithmetic; a bf16 checkpoint converts exactly); model = "
         "float32; auto = fp16 for stacks of 4 MiB and more. Elsewhere auto is the model's dtype and fp16 is refused.",
     )
+    keep_freed_memory: bool = Field(
+        True,
+        description="Linux/glibc: the engine's C heap keeps freed blocks for the next step instead of returning them "
+        "(a batched step's few-MB tensors then cost no page faults); its peak is its busiest step's.",
+    )
 
     backend: Literal["local", "ray"] = "local"
     ray_address: str = Field(

@@ -235,6 +235,7 @@ def _load_worker(config: Config, mailbox: Mailbox, testing: bool) -> tuple[Any, 
     """The engine's worker in this process, as :meth:`~..engine.engine.Engine.load` starts one in a subprocess."""
     import torch
     from mimo_voice.streaming.engine.engine import OFFICIAL_TOKENIZER_REPO, read_voice_prompt
+    from mimo_voice.streaming.engine.heap import keep_freed_memory
     from mimo_voice.streaming.engine.worker import Worker
     from mimo_voice.streaming.model.checkpoint import pick_device, resolve_checkpoint_dir
     from mimo_voice.streaming.model.configuration_mimo_audio import MiMoAudioConfig
@@ -250,6 +251,8 @@ def _load_worker(config: Config, mailbox: Mailbox, testing: bool) -> tuple[Any, 
     device = pick_device(config.model.device)
     if device.type == "cpu":  # the CPUs Ray gave this actor, not the machine's
         torch.set_num_threads(max(1, int(config.engine.ray_num_cpus)))
+    if config.engine.keep_freed_memory:
+        keep_freed_memory()
     voice = read_voice_prompt(config.agent.voice_prompt_wav) if config.agent.voice_prompt_wav else None
     worker = Worker(config, llm_path, codec_path, voice, mailbox, testing=testing)
     info = {

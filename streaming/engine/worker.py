@@ -51,6 +51,7 @@ from mimo_voice.streaming.presets.real7b import random_on_device
 from .conversation import Conversation
 from .events import Event
 from .generation import Generation
+from .heap import keep_freed_memory
 from .protocol import (
     HEARTBEAT_SECS,
     TESTING_REQUESTS,
@@ -246,6 +247,8 @@ def _setup(config: Config) -> None:
         # `cuda:N`: that device becomes the process's default, for every allocation and kernel launch.
         torch.cuda.set_device(device)
     torch.set_num_threads(engine_threads(config, device))
+    if config.engine.keep_freed_memory:
+        keep_freed_memory()
 
 
 def engine_threads(config: Config, device: torch.device) -> int:
