@@ -261,8 +261,10 @@ async def _measure(engine: Engine, args: argparse.Namespace) -> tuple[list[list[
         with ProgressBar(steps, "bench engine") as progress:
             runs = [await _conversation(engine, args, run, progress) for run in range(args.runs)]
             together: dict[int, list[list[dict]]] = {}
-            for count in args.sessions:
-                for run in range(args.runs):
+            # Session counts take turns run by run, so that a machine's drift hits every count alike (their
+            # ratios are the figures that matter).
+            for run in range(args.runs):
+                for count in args.sessions:
                     together.setdefault(count, []).append(await _together(engine, args, count, run))
                     progress.advance(note=f"{count} sessions, run {run + 1}")
             return runs, together

@@ -339,24 +339,33 @@ class ISTFT(nn.Module):
         self.n_fft, self.hop_length = n_fft, hop_length
         self.window: Tensor
         self.register_buffer("window", torch.hann_window(n_fft))
+        self._envelopes: dict[int, Tensor] = {}  # frame count -> the divisor (one per window length decoded)
 
     def _overlap_add(self, frames: Tensor) -> Tensor:
-        """``[B, n_fft, T]`` -> ``[B, T * hop]`` after the "same" trim. With ``n_fft = k * hop``, output slot
+        """``[B, T, n_fft]`` -> ``[B, T * hop]`` after the "same" trim. With ``n_fft = k * hop``, output slot
         ``t`` sums block ``j`` of frame ``t - j``: k shifted adds, several times faster than ``F.fold`` and
         accumulated in the same order."""
-        batch, _, count = frames.shape
-        blocks = frames.view(batch, -1, self.hop_length, count).transpose(2, 3)  # [B, k, T, hop]
-        out = frames.new_zeros(batch, count + blocks.shape[1] - 1, self.hop_length)
-        for shift in range(blocks.shape[1]):
-            out[:, shift : shift + count] += blocks[:, shift]
+        batch, count, _ = frames.shape
+        blocks = frames.view(batch, count, -1, self.hop_length)  # [B, T, k, hop]
+        out = frames.new_zeros(batch, count + blocks.shape[2] - 1, self.hop_length)
+        for shift in range(blocks.shape[2]):
+            out[:, shift : shift + count] += blocks[:, :, shift]
         pad = (self.n_fft - self.hop_length) // 2
         return out.flatten(1)[:, pad:-pad]
 
+    def _envelope(self, count: int) -> Tensor:
+        """The summed squared window of ``count`` frames, computed in the window's dtype as upstream does; kept
+        per frame count (a streaming decode's windows have a few lengths)."""
+        envelope = self._envelopes.get(count)
+        if envelope is None or (envelope.device, envelope.dtype) != (self.window.device, self.window.dtype):
+            squared = self.window.square()[None, None, :].expand(1, count, -1)
+            envelope = self._envelopes[count] = self._overlap_add(squared.contiguous())
+        return envelope
+
     def forward(self, spec: Tensor) -> Tensor:
-        frames = torch.fft.irfft(spec, self.n_fft, dim=1, norm="backward") * self.window[None, :, None]
-        # The window envelope is computed in the window's dtype, as upstream does.
-        window_sq = self.window.square()[None, :, None].expand(1, -1, spec.shape[-1])
-        return self._overlap_add(frames) / self._overlap_add(window_sq)
+        """``[B, T, n_fft / 2 + 1]`` complex -> audio ``[B, T * hop]``."""
+        frames = torch.fft.irfft(spec, self.n_fft, dim=-1, norm="backward") * self.window
+        return self._overlap_add(frames) / self._envelope(spec.shape[1])
 
 
 class ISTFTHead(nn.Module):
@@ -367,9 +376,10 @@ class ISTFTHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``[B, T, dim]`` -> audio ``[B, T * hop]`` in ``x``'s dtype."""
-        log_magnitude, phase = self.out(x).transpose(1, 2).chunk(2, dim=1)
-        magnitude = torch.exp(log_magnitude).clip(max=1e2)  # upstream's guard against huge magnitudes
-        spec = magnitude.float() * torch.complex(torch.cos(phase).float(), torch.sin(phase).float())
+        log_magnitude, phase = self.out(x).chunk(2, dim=-1)  # each [B, T, n_fft / 2 + 1]
+        magnitude = torch.exp(log_magnitude).clip(max=1e2).float()  # upstream's guard against huge magnitudes
+        # magnitude * (cos + i sin) without promoting the magnitude to complex: the same values, two passes fewer
+        spec = torch.complex(magnitude * torch.cos(phase).float(), magnitude * torch.sin(phase).float())
         return self.istft(spec).to(x.dtype)
 
 
