@@ -121,12 +121,12 @@ class Generation:
             raise ValueError("<|empty|> (an audio patch) forced outside a speech stream")
         return True
 
-    def record(self, token: int, codes: torch.Tensor | None) -> None:
-        """Appends the new position (``codes`` [group, channels] on the CPU for a patch) to the record and
+    def record(self, token: int, codes: np.ndarray | None) -> None:
+        """Appends the new position (``codes`` [group, channels] for a patch) to the record and
         routes it: events go out now, before the backbone step; the patch's PCM is decoded by
         :meth:`decode_audio` after it."""
         conv = self.conv
-        conv.context.add(token, codes, self.segment)
+        conv.context.add(token, None if codes is None else torch.from_numpy(codes), self.segment)
         self.tokens.append(token)
         if codes is not None:
             self.audio_positions += 1
@@ -193,8 +193,8 @@ class Generation:
         if self.phase == "closing_think" and self.output == "text" and not self.forced:
             self.phase = "text"
 
-    def _route_patch(self, codes: torch.Tensor) -> None:
-        event = AudioPatch(codes.numpy(), index=-1, time=time.perf_counter())
+    def _route_patch(self, codes: np.ndarray) -> None:
+        event = AudioPatch(codes, index=-1, time=time.perf_counter())
         self._release(self.filter.push(event))
 
     def _release(self, events: list[Event]) -> None:

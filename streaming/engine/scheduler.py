@@ -65,9 +65,11 @@ class StepScheduler:
         fed = [(g, t) for g, t in zip(rows, tokens) if t is not None and _guarded(g, partial(g.accept, t))]
         audio = [g for g, t in fed if t == self.empty_token]
         codes = self._decode_patches(audio)
-        codes_cpu = dict(zip(audio, codes.cpu())) if audio else {}
+        # One copy to the host for every row (a sync on a GPU), and one NumPy view of it: a row's codes then cost
+        # no op of their own, for the record and the events alike.
+        codes_host = dict(zip(audio, codes.cpu().numpy())) if audio else {}
         for generation, token in fed:
-            _guarded(generation, partial(generation.record, token, codes_cpu.get(generation)))
+            _guarded(generation, partial(generation.record, token, codes_host.get(generation)))
         batch = [(g, t) for g, t in fed if not g.done and self._one_behind(g)]
         self._backbone_step(batch, audio, codes)
         shared = time.perf_counter() - began
