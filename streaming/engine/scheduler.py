@@ -65,8 +65,8 @@ class StepScheduler:
         fed = [(g, t) for g, t in zip(rows, tokens) if t is not None and _guarded(g, partial(g.accept, t))]
         audio = [g for g, t in fed if t == self.empty_token]
         codes = self._decode_patches(audio)
-        # One copy to the host for every row (a sync on a GPU), and one NumPy view of it: a row's codes then cost
-        # no op of their own, for the record and the events alike.
+        # One copy to the host for every row (a sync on a GPU) and one NumPy conversion of it, not one per row: the
+        # events carry a row's array, the record a tensor sharing its memory.
         codes_host = dict(zip(audio, codes.cpu().numpy())) if audio else {}
         for generation, token in fed:
             _guarded(generation, partial(generation.record, token, codes_host.get(generation)))
