@@ -619,7 +619,9 @@ class FastMiMoAudio:
         positions = self.pool.lengths_device.index_select(0, rows)
         cos, sin = self.backbone_rope.index_select(0, positions).unbind(1)  # [B, all_heads, 1, hd]
         span = max(lengths) + 1
-        mask = torch.le(self._arange[:span], positions.view(batch, 1, 1, 1))  # [B, 1, 1, span]
+        mask = None  # rows of one length (one row, say) attend to every position of the window
+        if min(lengths) + 1 < span:
+            mask = torch.le(self._arange[:span], positions.view(batch, 1, 1, 1))  # [B, 1, 1, span]
         first = min(slots)
         packed = slots == list(range(first, first + batch))  # the rows' caches are one view of the pool
         kv_heads = self.backbone.kv_heads
