@@ -131,7 +131,7 @@ class Worker:
         self.active: list[Generation] = []
         self.steps = 0  # step rounds run, reported in heartbeats
         self._last_beat = 0.0
-        self._reported_busy = False
+        self._worked_since_beat = False  # active at some step since the last heartbeat, reported or not
 
     # --- used by conversations ---
 
@@ -212,12 +212,14 @@ class Worker:
         return None
 
     def _heartbeat(self) -> None:
-        """Progress at most every HEARTBEAT_SECS while generating, and once on becoming idle."""
+        """Progress at most every HEARTBEAT_SECS while generating, and once on becoming idle: also after work that
+        began and ended between two beats (a short reply soon after the last beat), whose steps are then reported."""
         busy = bool(self.active)
+        self._worked_since_beat |= busy
         now = time.monotonic()
-        if (busy and now - self._last_beat < HEARTBEAT_SECS) or (not busy and not self._reported_busy):
+        if not self._worked_since_beat or (busy and now - self._last_beat < HEARTBEAT_SECS):
             return
-        self._last_beat, self._reported_busy = now, busy
+        self._last_beat, self._worked_since_beat = now, busy
         self.connection.send(Heartbeat(self.steps, len(self.active)))
 
     def _step_all(self) -> None:
