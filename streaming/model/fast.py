@@ -620,7 +620,7 @@ class FastMiMoAudio:
         cos, sin = self.backbone_rope.index_select(0, positions).unbind(1)  # [B, all_heads, 1, hd]
         span = max(lengths) + 1
         mask = None  # rows of one length (one row, say) attend to every position of the window
-        if min(lengths) + 1 < span:
+        if min(lengths) < max(lengths):
             mask = torch.le(self._arange[:span], positions.view(batch, 1, 1, 1))  # [B, 1, 1, span]
         first = min(slots)
         packed = slots == list(range(first, first + batch))  # the rows' caches are one view of the pool
